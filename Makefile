@@ -22,8 +22,10 @@ install: $(STAMP)
 toy: $(STAMP)
 	$(BIN)/selfdistill toy prepare --out $(TOY)
 
+# The demo starts a fresh run each time (runs/toy is replaced).
 demo: toy
-	$(BIN)/selfdistill config configs/toy.yaml
+	rm -rf runs/toy
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/selfdistill train configs/toy.yaml
 
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -v --durations=15

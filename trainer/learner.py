@@ -1,0 +1,248 @@
+"""Learner: one data-parallel rank of the student, wrapped in a DeepSpeed ZeRO engine.
+
+A plain class: `trainer.cluster` wraps it in `ray.remote`, and it runs without Ray as well (one
+process per rank, e.g. under torchrun on a GPU machine). On CPU it uses the gloo backend and a
+client `torch.optim.AdamW`, so nothing is compiled; on GPUs, NCCL.
+
+Loss temperature: the divergence compares the *untempered* student and teacher distributions
+(log-softmax of the raw logits), because vLLM's prompt logprobs, which the engine scorer returns,
+are untempered; both scorers therefore train the same objective. The rollout temperature only
+decides which tokens are visited, and it is used where the sampling distribution itself matters:
+the importance weight and the engine–learner logprob gap, computed as log_softmax(logits / T).
+"""
+
+import contextlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from rollout.batch import Rollout, TeacherScores
+from trainer import losses
+from trainer.config import Config, config_from_dict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def micro_steps(cfg: Config) -> int:
+    """Micro-batches per optimizer step on one rank (the gradient-accumulation steps)."""
+    per_rank = cfg.train.prompts_per_step * cfg.rollout.n // cfg.learner.num
+    return math.ceil(per_rank / cfg.learner.micro_batch)
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    dtype = cfg.model.dtype
+    return {
+        "train_micro_batch_size_per_gpu": cfg.learner.micro_batch,
+        "gradient_accumulation_steps": micro_steps(cfg),
+        "gradient_clipping": cfg.learner.grad_clip or 0.0,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_allow_untested_optimizer": True,  # the client AdamW: nothing to compile on CPU
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then constant or cosine decay to zero at `train.steps`."""
+    warmup, total, schedule = cfg.learner.warmup_steps, cfg.train.steps, cfg.learner.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+    """Logits that predict each completion token, flattened over the batch: [T_total, V]."""
+    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(s) for s in sequences)
+    device = next(model.parameters()).device
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq, device=device)
+        attention_mask[row, :len(seq)] = 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # position i predicts token i + 1, so the completion of a prompt of length P is read at P-1 ...
+    return torch.cat([logits[row, len(p) - 1:len(p) + len(c) - 1] for row, (p, c) in enumerate(zip(prompts, completions))])
+
+
+class Learner:
+    """One DeepSpeed rank. The teacher copy it holds (for `teacher.scorer=learner` or an EMA
+    teacher) is in eval mode and never gets gradients."""
+
+    def __init__(self, config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.cfg = cfg = config_from_dict(config)
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # engines and other ranks share the cores
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(cfg.train.seed)
+        dtype = DTYPES[cfg.model.dtype]
+        # The teacher copy is a plain model, built before ZeRO-3 is configured so that it is not partitioned.
+        self.teacher = self._build_teacher(AutoModelForCausalLM, dtype)
+        ds_config = deepspeed_config(cfg)
+        # ZeRO-3 partitions weights while from_pretrained builds the model, if this object is alive then.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    def _build_teacher(self, auto_cls, dtype):
+        cfg = self.cfg.teacher
+        if cfg.weights == "ema" or (cfg.weights == "initial" and cfg.scorer == "learner"):
+            # A plain full copy, outside DeepSpeed: it is never trained, only read or EMA-updated.
+            teacher = auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype).to(self.device)
+            teacher.eval().requires_grad_(False)
+            return teacher
+        return None  # live teacher: the student itself; or initial weights held by a teacher engine
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, rollouts: list[Rollout], teacher_prompts: list[list[int]],
+                   scores: list[TeacherScores] | None, total_tokens: int) -> dict[str, float]:
+        """One optimizer step on this rank's share of the batch. `total_tokens` counts the loss
+        tokens of the whole batch over all ranks, so the gradient is the global per-token mean."""
+        mb = self.cfg.learner.micro_batch
+        steps = micro_steps(self.cfg)
+        assert len(rollouts) <= steps * mb, (len(rollouts), steps, mb)
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for start in range(0, steps * mb, mb):
+            chunk = slice(start, start + mb)
+            if start >= len(rollouts):
+                chunk = slice(0, 0)
+            loss, stats = self._micro_step(rollouts[chunk], teacher_prompts[chunk],
+                                           scores[chunk] if scores is not None else None)
+            # DeepSpeed divides by the accumulation steps and averages over ranks; undo both so that
+            # the summed gradient is Σ token losses / total_tokens.
+            self.engine.backward(loss * steps * self.world_size / max(total_tokens, 1))
+            self.engine.step()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        if self.teacher is not None and self.cfg.teacher.weights == "ema":
+            self._update_ema()
+        tokens = max(sums.pop("tokens", 0.0), 1.0)
+        metrics = {key: value / tokens for key, value in sums.items()}
+        metrics["tokens"] = tokens
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["learner/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _micro_step(self, rollouts, teacher_prompts, scores) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of per-token losses over a micro-batch, and token-summed statistics for logging."""
+        if not rollouts:  # an empty micro-batch still joins the collective step, with zero loss
+            return sum(p.sum() * 0.0 for p in self.engine.module.parameters()), {}
+        loss_cfg, temperature = self.cfg.loss, self.cfg.rollout.temperature
+        prompts = [r.prompt_ids for r in rollouts]
+        completions = [r.completion_ids for r in rollouts]
+        tokens = torch.tensor([t for c in completions for t in c], device=self.device)
+        mask = losses.completion_mask([len(c) for c in completions], max(len(c) for c in completions),
+                                      skip_first=loss_cfg.mask_first_tokens)
+        mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device)
+
+        student_logits = completion_logits(self.engine, prompts, completions).float()
+        student_lp_TV = F.log_softmax(student_logits, dim=-1)
+        student_token_lp = student_lp_TV.gather(1, tokens[:, None])[:, 0]
+        with torch.no_grad():  # the sampling distribution, for the health gap and importance weights
+            rollout_token_lp = F.log_softmax(student_logits / temperature, dim=-1).gather(1, tokens[:, None])[:, 0]
+        engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs], device=self.device)
+
+        teacher_logits = None
+        if self.cfg.teacher.scorer == "learner":
+            with torch.no_grad():
+                model = self.teacher if self.teacher is not None else self.engine.module
+                teacher_logits = completion_logits(model, teacher_prompts, completions).float()
+            teacher_lp_TV = F.log_softmax(teacher_logits, dim=-1)
+            teacher_token_lp = teacher_lp_TV.gather(1, tokens[:, None])[:, 0]
+            topk_lp, topk_ids = teacher_lp_TV.topk(loss_cfg.topk, dim=-1)
+        else:
+            teacher_token_lp = torch.tensor([lp for s in scores for lp in s.token_logprobs], device=self.device)
+            topk_ids = torch.tensor([ids for s in scores for ids in s.topk_ids], device=self.device)
+            topk_lp = torch.tensor([lps for s in scores for lps in s.topk_logprobs], device=self.device)
+
+        per_token = self._per_token_loss(student_logits, student_lp_TV, student_token_lp, teacher_logits,
+                                         teacher_token_lp, topk_ids, topk_lp, rollout_token_lp, engine_lp)
+        loss = (per_token * mask_T).sum()
+        with torch.no_grad():
+            m = mask_T
+            stats = {
+                "tokens": m.sum().item(),
+                "distill/loss": (per_token * m).sum().item(),
+                "distill/kl": ((student_token_lp - teacher_token_lp) * m).sum().item(),
+                "distill/teacher_logprob": (teacher_token_lp * m).sum().item(),
+                "distill/student_logprob": (student_token_lp * m).sum().item(),
+                "health/engine_trainer_logprob_gap": ((rollout_token_lp - engine_lp).abs() * m).sum().item(),
+            }
+            if topk_ids.numel():
+                stats["distill/topk_mass"] = (losses.topk_mass(student_lp_TV.gather(1, topk_ids)) * m).sum().item()
+        return loss, stats
+
+    def _per_token_loss(self, student_logits, student_lp_TV, student_token_lp, teacher_logits, teacher_token_lp,
+                        topk_ids, topk_lp, rollout_token_lp, engine_lp) -> torch.Tensor:
+        cfg = self.cfg.loss
+        if cfg.estimator == "full":
+            return losses.chunked_token_divergence(student_logits, teacher_logits, kind=cfg.divergence,
+                                                   beta=cfg.jsd_beta, clip_tau=cfg.clip_tau)
+        if cfg.estimator == "topk":
+            return losses.topk_divergence(student_lp_TV.gather(1, topk_ids), topk_lp, kind=cfg.divergence,
+                                          beta=cfg.jsd_beta, tail=True, clip_tau=cfg.clip_tau)
+        # sampled: the importance weight compares the learner's and the engine's sampling distributions
+        old = None
+        if cfg.is_cap is not None:
+            old = student_token_lp.detach() - (rollout_token_lp - engine_lp)
+        return losses.sampled_token_pg(student_token_lp, teacher_token_lp, old_logprob_T=old, is_cap=cfg.is_cap)
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self):
+        """φ ← (1−α)·φ + α·θ, after every optimizer step (SDFT)."""
+        alpha = self.cfg.teacher.ema_alpha
+        with self._gathered(self.engine.module.parameters()):
+            for phi, theta in zip(self.teacher.parameters(), self.engine.module.parameters(), strict=True):
+                phi.lerp_(theta.detach().to(phi.dtype), alpha)
+
+    def _gathered(self, params):
+        """Full parameters under ZeRO-3 (a collective: every rank must enter); a no-op otherwise."""
+        import deepspeed
+        if self.cfg.learner.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def export_weights(self, which: str = "student") -> dict[str, torch.Tensor] | None:
+        """Full CPU weights by checkpoint name, on rank 0 (None elsewhere). Every rank must call it
+        under ZeRO-3, because gathering is collective."""
+        module = self.engine.module if which == "student" else self.teacher
+        with self._gathered(module.parameters() if which == "student" else []):
+            if self.rank != 0:
+                return None
+            return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0."""
+        weights = self.export_weights("student")
+        if self.rank != 0:
+            return
+        from transformers import AutoTokenizer
+        module = self.engine.module
+        module.save_pretrained(directory, state_dict=weights)
+        AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path).save_pretrained(directory)
+
+    def ready(self) -> int:
+        return self.rank

@@ -1,0 +1,85 @@
+"""The step functions the loop calls: sample, reward, score, evaluate. Each returns data or a
+metrics dict; none keeps state."""
+
+import statistics
+from collections import defaultdict
+
+from rollout.batch import Rollout, TeacherScores
+from rollout.pool import EnginePool
+from rollout.prompts import encode_prompt, teacher_prompt
+from trainer.config import Config
+from trainer.data import Example
+
+
+def sample_rollouts(pool: EnginePool, examples: list[Example], tokenizer, cfg: Config, version: int) -> list[Rollout]:
+    r = cfg.rollout
+    return pool.generate([encode_prompt(e.prompt, tokenizer) for e in examples], [e.id for e in examples],
+                         expected_version=version, n=r.n, max_tokens=r.max_tokens, temperature=r.temperature,
+                         top_p=r.top_p, top_k=r.top_k)
+
+
+def teacher_prompt_ids(examples: list[Example], rollouts: list[Rollout], tokenizer, cfg: Config) -> list[list[int]]:
+    """The teacher prompt of each rollout's example (rollouts of one example share it)."""
+    by_id = {e.id: encode_prompt(teacher_prompt(e.prompt, e.context, cfg.teacher.template), tokenizer) for e in examples}
+    return [by_id[r.example_id] for r in rollouts]
+
+
+def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
+                     topk: int) -> list[TeacherScores]:
+    """The teacher's logprobs of the student's own completion tokens, after the teacher prompt."""
+    sequences = [p + r.completion_ids for p, r in zip(teacher_prompts, rollouts, strict=True)]
+    return pool.score(sequences, [len(p) for p in teacher_prompts], topk)
+
+
+def reward_metrics(functions: dict, examples: list[Example], rollouts: list[Rollout], tokenizer) -> dict[str, float]:
+    """`reward/<name>` per function and `reward/mean` over them, skipping None (TRL's convention)."""
+    by_id = {e.id: e for e in examples}
+    rows = [by_id[r.example_id] for r in rollouts]
+    completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    prompts = [e.prompt for e in rows]
+    columns = {"answer": [e.answer for e in rows], "context": [e.context for e in rows], "task": [e.task for e in rows]}
+    metrics, means = {}, []
+    for name, fn in functions.items():
+        values = [v for v in fn(prompts, completions, **columns) if v is not None]
+        if values:
+            metrics[f"reward/{name}"] = statistics.fmean(values)
+            means.append(metrics[f"reward/{name}"])
+    if means:
+        metrics["reward/mean"] = statistics.fmean(means)
+    metrics["rollout/len_mean"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
+    return metrics
+
+
+def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], scores: list[TeacherScores] | None,
+                   tokenizer, count: int = 4) -> list[dict]:
+    """A few rollouts as readable records for `samples.jsonl`."""
+    by_id = {e.id: e for e in examples}
+    records = []
+    for i, rollout in enumerate(rollouts[:count]):
+        example = by_id[rollout.example_id]
+        record = {"step": step, "id": example.id, "prompt": example.prompt, "answer": example.answer,
+                  "completion": tokenizer.decode(rollout.completion_ids, skip_special_tokens=True),
+                  "student_logprobs": rollout.logprobs}
+        if scores is not None:
+            record["teacher_logprobs"] = scores[i].token_logprobs
+        records.append(record)
+    return records
+
+
+def evaluate(pool: EnginePool, examples: list[Example], tokenizer, cfg: Config, answer_fn, version: int,
+             teacher: bool = False) -> dict[str, float]:
+    """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
+    `eval/<task>/teacher_accuracy` with the teacher prompt."""
+    if not examples:
+        return {}
+    prompts = [teacher_prompt(e.prompt, e.context, cfg.teacher.template) if teacher else e.prompt for e in examples]
+    rollouts = pool.generate([encode_prompt(p, tokenizer) for p in prompts], [e.id for e in examples],
+                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
+    completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    scores = answer_fn(prompts, completions, answer=[e.answer for e in examples])
+    per_task = defaultdict(list)
+    for example, score in zip(examples, scores, strict=True):
+        if score is not None:
+            per_task[example.task].append(score)
+    name = "teacher_accuracy" if teacher else "accuracy"
+    return {f"eval/{task}/{name}": statistics.fmean(values) for task, values in per_task.items()}
