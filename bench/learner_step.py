@@ -11,7 +11,6 @@ every parameter, and the EMA teacher moved by exactly α toward the student.
 
 import argparse
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -34,12 +33,14 @@ RANDOM_SIZES = {  # Qwen2 shapes with Qwen's 151,936-token vocabulary, randomly 
 
 def random_model(size: str, dtype: str) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    directory = tempfile.mkdtemp(prefix=f"qwen2-{size}-")
+    directory = Path(tempfile.gettempdir()) / f"selfdistill-random-qwen2-{size}-{dtype}"
+    if (directory / "random.json").is_file():
+        return str(directory)
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=4096, **RANDOM_SIZES[size])).to(
         getattr(torch, dtype)).save_pretrained(directory)
-    (Path(directory) / "random.json").write_text(json.dumps({"size": size}))
-    return directory
+    (directory / "random.json").write_text(json.dumps({"size": size}))
+    return str(directory)
 
 
 def synthetic_batch(vocab: int, sequences: int, prompt: int, completion: int, seed: int = 0):

@@ -16,7 +16,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from rollout.batch import Rollout, TeacherScores
 from trainer import losses
@@ -60,18 +59,27 @@ def lr_lambda(cfg: Config):
 
 
 def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
-    """Logits that predict each completion token, flattened over the batch: [T_total, V]."""
-    sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
-    width = max(len(s) for s in sequences)
+    """Logits that predict each completion token, flattened over the batch: [T_total, V].
+
+    Prompts are left-padded and completions right-padded, so every completion starts in the same
+    column and `logits_to_keep` sends only the completion columns through the LM head (the [B, L, V]
+    logits of whole sequences are never built). Position ids skip the left padding, as the engine
+    sees no padding at all. The model's own forward runs, so models that post-process their
+    logits (soft-capping, scaling) are scored as they generate.
+    """
+    width_p, width_c = max(len(p) for p in prompts), max(len(c) for c in completions)
     device = next(model.parameters()).device
-    input_ids = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    input_ids = torch.zeros((len(prompts), width_p + width_c), dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq, device=device)
-        attention_mask[row, :len(seq)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # position i predicts token i + 1, so the completion of a prompt of length P is read at P-1 ...
-    return torch.cat([logits[row, len(p) - 1:len(p) + len(c) - 1] for row, (p, c) in enumerate(zip(prompts, completions))])
+    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        start = width_p - len(p)
+        input_ids[row, start:width_p + len(c)] = torch.tensor(p + c, device=device)
+        attention_mask[row, start:width_p + len(c)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # columns width_p - 1 ... width_p + width_c - 2 predict the completion tokens
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=width_c + 1).logits[:, :-1]
+    return torch.cat([logits[row, :len(c)] for row, c in enumerate(completions)])
 
 
 class Learner:
@@ -145,62 +153,70 @@ class Learner:
         return metrics
 
     def _micro_step(self, rollouts, teacher_prompts, scores) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum of per-token losses over a micro-batch, and token-summed statistics for logging."""
+        """Sum of per-token losses over a micro-batch, and token-summed statistics for logging.
+        Log-probabilities are gathered for a few tokens per position against a chunked fp32
+        logsumexp, so no [T, V] fp32 log-softmax is ever held (only the `full` estimator reads every
+        vocabulary entry, chunk by chunk)."""
         if not rollouts:  # an empty micro-batch still joins the collective step, with zero loss
             return sum(p.sum() * 0.0 for p in self.engine.module.parameters()), {}
         loss_cfg, temperature = self.cfg.loss, self.cfg.rollout.temperature
         prompts = [r.prompt_ids for r in rollouts]
         completions = [r.completion_ids for r in rollouts]
-        tokens = torch.tensor([t for c in completions for t in c], device=self.device)
+        tokens_T1 = torch.tensor([t for c in completions for t in c], device=self.device)[:, None]
         mask = losses.completion_mask([len(c) for c in completions], max(len(c) for c in completions),
                                       skip_first=loss_cfg.mask_first_tokens)
-        mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device)
+        mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device).bool()
 
-        student_logits = completion_logits(self.engine, prompts, completions).float()
-        student_lp_TV = F.log_softmax(student_logits, dim=-1)
-        student_token_lp = student_lp_TV.gather(1, tokens[:, None])[:, 0]
+        student_logits = completion_logits(self.engine, prompts, completions)
+        student_lse = losses.chunked_logsumexp(student_logits)
+        student_token_lp = losses.gather_logprobs(student_logits, tokens_T1, student_lse)[:, 0]
         with torch.no_grad():  # the sampling distribution, for the health gap and importance weights
-            rollout_token_lp = F.log_softmax(student_logits / temperature, dim=-1).gather(1, tokens[:, None])[:, 0]
+            detached = student_logits.detach()
+            rollout_lse = losses.chunked_logsumexp(detached, temperature=temperature)
+            rollout_token_lp = losses.gather_logprobs(detached, tokens_T1, rollout_lse, temperature=temperature)[:, 0]
         engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs], device=self.device)
 
         teacher_logits = None
         if self.cfg.teacher.scorer == "learner":
             with torch.no_grad():
                 model = self.teacher if self.teacher is not None else self.engine.module
-                teacher_logits = completion_logits(model, teacher_prompts, completions).float()
-            teacher_lp_TV = F.log_softmax(teacher_logits, dim=-1)
-            teacher_token_lp = teacher_lp_TV.gather(1, tokens[:, None])[:, 0]
-            topk_lp, topk_ids = teacher_lp_TV.topk(loss_cfg.topk, dim=-1)
+                teacher_logits = completion_logits(model, teacher_prompts, completions)
+                teacher_lse = losses.chunked_logsumexp(teacher_logits)
+                teacher_token_lp = losses.gather_logprobs(teacher_logits, tokens_T1, teacher_lse)[:, 0]
+                topk_ids = teacher_logits.topk(loss_cfg.topk, dim=-1).indices
+                topk_lp = losses.gather_logprobs(teacher_logits, topk_ids, teacher_lse)
         else:
             teacher_token_lp = torch.tensor([lp for s in scores for lp in s.token_logprobs], device=self.device)
             topk_ids = torch.tensor([ids for s in scores for ids in s.topk_ids], device=self.device)
             topk_lp = torch.tensor([lps for s in scores for lps in s.topk_logprobs], device=self.device)
+        student_topk_lp = losses.gather_logprobs(student_logits, topk_ids, student_lse) if topk_ids.numel() else None
 
-        per_token = self._per_token_loss(student_logits, student_lp_TV, student_token_lp, teacher_logits,
-                                         teacher_token_lp, topk_ids, topk_lp, rollout_token_lp, engine_lp)
-        loss = (per_token * mask_T).sum()
+        per_token = self._per_token_loss(student_logits, teacher_logits, student_token_lp, teacher_token_lp,
+                                         student_topk_lp, topk_lp, rollout_token_lp, engine_lp)
+        loss = torch.where(mask_T, per_token, 0.0).sum()  # `where`, not a product: a masked inf stays out
         with torch.no_grad():
-            m = mask_T
+            def total(values):
+                return torch.where(mask_T, values, 0.0).sum().item()
             stats = {
-                "tokens": m.sum().item(),
-                "distill/loss": (per_token * m).sum().item(),
-                "distill/kl": ((student_token_lp - teacher_token_lp) * m).sum().item(),
-                "distill/teacher_logprob": (teacher_token_lp * m).sum().item(),
-                "distill/student_logprob": (student_token_lp * m).sum().item(),
-                "health/engine_trainer_logprob_gap": ((rollout_token_lp - engine_lp).abs() * m).sum().item(),
+                "tokens": mask_T.sum().item(),
+                "distill/loss": total(per_token),
+                "distill/kl": total(student_token_lp - teacher_token_lp),
+                "distill/teacher_logprob": total(teacher_token_lp),
+                "distill/student_logprob": total(student_token_lp),
+                "health/engine_trainer_logprob_gap": total((rollout_token_lp - engine_lp).abs()),
             }
-            if topk_ids.numel():
-                stats["distill/topk_mass"] = (losses.topk_mass(student_lp_TV.gather(1, topk_ids)) * m).sum().item()
+            if student_topk_lp is not None:
+                stats["distill/topk_mass"] = total(losses.topk_mass(student_topk_lp))
         return loss, stats
 
-    def _per_token_loss(self, student_logits, student_lp_TV, student_token_lp, teacher_logits, teacher_token_lp,
-                        topk_ids, topk_lp, rollout_token_lp, engine_lp) -> torch.Tensor:
+    def _per_token_loss(self, student_logits, teacher_logits, student_token_lp, teacher_token_lp,
+                        student_topk_lp, topk_lp, rollout_token_lp, engine_lp) -> torch.Tensor:
         cfg = self.cfg.loss
         if cfg.estimator == "full":
             return losses.chunked_token_divergence(student_logits, teacher_logits, kind=cfg.divergence,
                                                    beta=cfg.jsd_beta, clip_tau=cfg.clip_tau)
         if cfg.estimator == "topk":
-            return losses.topk_divergence(student_lp_TV.gather(1, topk_ids), topk_lp, kind=cfg.divergence,
+            return losses.topk_divergence(student_topk_lp, topk_lp, kind=cfg.divergence,
                                           beta=cfg.jsd_beta, tail=True, clip_tau=cfg.clip_tau)
         # sampled: the importance weight compares the learner's and the engine's sampling distributions
         old = None
