@@ -110,3 +110,18 @@ def test_end_to_end(toy_world, small_eval, tmp_path, local_ray, overrides):
                                                           for s in samples)
     if cfg.loss.estimator == "topk":
         assert 0 < metrics[-1]["distill/topk_mass"] <= 1
+
+
+def test_learner_bench_checks_ema_export_and_descent_under_zero3(toy_world):
+    """bench/learner_step.py on CPU: one gloo rank, ZeRO-3, teacher and EMA on the learner."""
+    import re
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "learner_step.py"), "--model", str(toy_world / "model"),
+                             "--zero", "3", "--estimator", "topk", "--steps", "3"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("learner_step:"))
+    values = dict(re.findall(r"(\w+)=(\S+)", line))
+    assert values["falls"] == "True" and values["export_missing"] == "0"
+    assert float(values["ema_max_error"]) < 1e-6 and float(values["s_per_step"]) > 0

@@ -25,7 +25,7 @@ MINIMAL = "model:\n  path: m\ndata:\n  train: t.jsonl\n"
 
 def test_toy_config_loads_and_round_trips():
     cfg = load_config(TOY)
-    assert cfg.loss.divergence == "reverse_kl" and cfg.learner.lr == 5e-4 and cfg.teacher.template == "{context}\n{prompt}"
+    assert cfg.loss.divergence == "reverse_kl" and cfg.learner.lr == 1e-3 and cfg.teacher.template == "{context}\n{prompt}"
     again = config_from_dict(__import__("yaml").safe_load(dump_config(cfg)))
     assert again == cfg
 

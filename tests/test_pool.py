@@ -16,3 +16,30 @@ def test_rank_metrics_are_token_weighted():
     merged = merge_rank_metrics([{"tokens": 30.0, "distill/loss": 1.0, "learner/lr": 0.1},
                                  {"tokens": 10.0, "distill/loss": 3.0, "learner/lr": 0.1}])
     assert merged == {"tokens": 40.0, "distill/loss": 1.5, "learner/lr": 0.1}
+
+
+def test_weight_sync_deadline_names_the_late_engine(local_ray):
+    import ray
+
+    from rollout.weights import ObjectStoreTransport
+    from trainer.errors import WeightSyncError
+
+    class SlowEngine:  # defined here so Ray ships it by value: workers cannot import test modules
+        """Stands in for an engine whose weight load hangs; the sync deadline is what is tested."""
+
+        def __init__(self, delay: float):
+            self.delay = delay
+
+        def load_weights(self, weights, version):
+            import time
+            time.sleep(self.delay)
+            return version
+
+    engines = {"student-0": ray.remote(SlowEngine).options(num_cpus=0).remote(0.0),
+               "student-1": ray.remote(SlowEngine).options(num_cpus=0).remote(30.0)}
+    weights = ray.put({"w": 1})
+    with pytest.raises(WeightSyncError, match=r"timed out after 2s waiting for student-1$"):
+        ObjectStoreTransport(timeout_s=2).sync(weights, engines, version=1)
+    assert ObjectStoreTransport(timeout_s=20).sync(weights, {"student-0": engines["student-0"]}, version=2) < 20
+    for engine in engines.values():
+        ray.kill(engine)

@@ -117,6 +117,11 @@ class Learner:
             # A plain full copy, outside DeepSpeed: it is never trained, only read or EMA-updated.
             teacher = auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype).to(self.device)
             teacher.eval().requires_grad_(False)
+            # In bf16 an α = 0.01 step is below the weights' resolution (8 bits of mantissa) and the
+            # EMA would not move: keep an fp32 master of the EMA and copy it into the teacher.
+            self._ema_master = None
+            if cfg.weights == "ema" and dtype != torch.float32:
+                self._ema_master = [p.detach().float().clone() for p in teacher.parameters()]
             return teacher
         return None  # live teacher: the student itself; or initial weights held by a teacher engine
 
@@ -129,7 +134,9 @@ class Learner:
         steps = micro_steps(self.cfg)
         assert len(rollouts) <= steps * mb, (len(rollouts), steps, mb)
         sums: dict[str, float] = {}
-        self.engine.train()
+        # Dropout stays off: the engines sample without it, the health gap compares against them, and
+        # a live teacher shares these weights and must score deterministically.
+        self.engine.eval()
         for start in range(0, steps * mb, mb):
             chunk = slice(start, start + mb)
             if start >= len(rollouts):
@@ -229,9 +236,13 @@ class Learner:
     def _update_ema(self):
         """φ ← (1−α)·φ + α·θ, after every optimizer step (SDFT)."""
         alpha = self.cfg.teacher.ema_alpha
+        masters = self._ema_master or list(self.teacher.parameters())
         with self._gathered(self.engine.module.parameters()):
-            for phi, theta in zip(self.teacher.parameters(), self.engine.module.parameters(), strict=True):
-                phi.lerp_(theta.detach().to(phi.dtype), alpha)
+            for master, phi, theta in zip(masters, self.teacher.parameters(), self.engine.module.parameters(),
+                                          strict=True):
+                master.lerp_(theta.detach().to(master.dtype), alpha)
+                if master is not phi:
+                    phi.copy_(master)
 
     def _gathered(self, params):
         """Full parameters under ZeRO-3 (a collective: every rank must enter); a no-op otherwise."""
