@@ -90,9 +90,6 @@ class RolloutEngine:
     def version(self) -> int:
         return self.policy_version
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _teacher_scores(prompt_logprobs: list, sequence: list[int], start: int, topk: int) -> TeacherScores:
     """Reads vLLM's per-position {token_id: Logprob} dicts (which always include the actual token,

@@ -58,6 +58,7 @@ def train(cfg: Config) -> dict:
     train_set, _ = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
     eval_set = load_examples(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)[0] if cfg.data.eval else []
     sampler = PromptSampler(len(train_set), cfg.train.seed)
+    data_fingerprint = fingerprint(train_set)
     reward_fns = rewards.resolve(cfg.rewards)
 
     start_ray(cfg)
@@ -101,13 +102,13 @@ def train(cfg: Config) -> dict:
             last = metrics
             logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            save_checkpoint(learners, run_dir, step, version, sampler, fingerprint(train_set))
+            save_checkpoint(learners, run_dir, step, version, sampler, data_fingerprint)
         sink.log(step, metrics)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
             with (run_dir / "samples.jsonl").open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
 
-    final = save_checkpoint(learners, run_dir, cfg.train.steps, version, sampler, fingerprint(train_set))
+    final = save_checkpoint(learners, run_dir, cfg.train.steps, version, sampler, data_fingerprint)
     sink.close()
     summary = {"run_dir": str(run_dir), "checkpoint": str(final / "hf"), "steps": cfg.train.steps,
                "seconds": round(time.perf_counter() - started, 1),
