@@ -22,8 +22,8 @@ from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_examples
 from trainer.errors import ConfigError
 from trainer.metrics import MetricsLogger, timed
-from trainer.steps import (evaluate, reward_metrics, sample_records, sample_rollouts, score_on_engines,
-                           teacher_prompt_ids)
+from trainer.steps import (encode_prompts, evaluate, reward_metrics, sample_records, sample_rollouts,
+                           score_on_engines, teacher_prompt_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def train(cfg: Config) -> dict:
     eval_set = load_examples(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)[0] if cfg.data.eval else []
     sampler = PromptSampler(len(train_set), cfg.train.seed)
     data_fingerprint = fingerprint(train_set)
+    encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
+    encoded_eval = encode_prompts(eval_set, tokenizer, cfg.teacher.template)
     reward_fns = rewards.resolve(cfg.rewards)
 
     start_ray(cfg)
@@ -70,8 +72,8 @@ def train(cfg: Config) -> dict:
     version, teacher_version = 0, 0
     scoring_pool = teacher_engines or students
 
-    first = evaluate(students, eval_set, tokenizer, cfg, answer_match, version)
-    first |= evaluate(scoring_pool, eval_set, tokenizer, cfg, answer_match, version, teacher=True)
+    first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
+    first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True)
     sink.log(0, first)
     logger.info("step 0: %s", _brief(first))
     last = first
@@ -80,10 +82,10 @@ def train(cfg: Config) -> dict:
         with timed(metrics, "step"):
             examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
             with timed(metrics, "generate"):
-                rollouts = sample_rollouts(students, examples, tokenizer, cfg, version)
+                rollouts = sample_rollouts(students, examples, encoded_train, cfg, version)
             metrics |= reward_metrics(reward_fns, examples, rollouts, tokenizer)
             with timed(metrics, "score"):
-                teacher_prompts = teacher_prompt_ids(examples, rollouts, tokenizer, cfg)
+                teacher_prompts = teacher_prompt_ids(rollouts, encoded_train)
                 scores = None
                 if cfg.teacher.scorer == "engine":
                     scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
@@ -98,7 +100,7 @@ def train(cfg: Config) -> dict:
                     transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
         metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
         if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            metrics |= evaluate(students, eval_set, tokenizer, cfg, answer_match, version)
+            metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
             last = metrics
             logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:

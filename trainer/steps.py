@@ -3,6 +3,7 @@ metrics dict; none keeps state."""
 
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 
 from rollout.batch import Rollout, TeacherScores
 from rollout.pool import EnginePool
@@ -11,17 +12,32 @@ from trainer.config import Config
 from trainer.data import Example
 
 
-def sample_rollouts(pool: EnginePool, examples: list[Example], tokenizer, cfg: Config, version: int) -> list[Rollout]:
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Student and teacher prompt token ids by example id."""
+
+    student: dict[str, list[int]]
+    teacher: dict[str, list[int]]
+
+
+def encode_prompts(examples: list[Example], tokenizer, template: str) -> EncodedPrompts:
+    """Renders and tokenizes every prompt once, before the loop, so the step does neither."""
+    return EncodedPrompts(
+        student={e.id: encode_prompt(e.prompt, tokenizer) for e in examples},
+        teacher={e.id: encode_prompt(teacher_prompt(e.prompt, e.context, template), tokenizer) for e in examples})
+
+
+def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, cfg: Config,
+                    version: int) -> list[Rollout]:
     r = cfg.rollout
-    return pool.generate([encode_prompt(e.prompt, tokenizer) for e in examples], [e.id for e in examples],
+    return pool.generate([encoded.student[e.id] for e in examples], [e.id for e in examples],
                          expected_version=version, n=r.n, max_tokens=r.max_tokens, temperature=r.temperature,
                          top_p=r.top_p, top_k=r.top_k)
 
 
-def teacher_prompt_ids(examples: list[Example], rollouts: list[Rollout], tokenizer, cfg: Config) -> list[list[int]]:
+def teacher_prompt_ids(rollouts: list[Rollout], encoded: EncodedPrompts) -> list[list[int]]:
     """The teacher prompt of each rollout's example (rollouts of one example share it)."""
-    by_id = {e.id: encode_prompt(teacher_prompt(e.prompt, e.context, cfg.teacher.template), tokenizer) for e in examples}
-    return [by_id[r.example_id] for r in rollouts]
+    return [encoded.teacher[r.example_id] for r in rollouts]
 
 
 def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
@@ -66,17 +82,17 @@ def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], 
     return records
 
 
-def evaluate(pool: EnginePool, examples: list[Example], tokenizer, cfg: Config, answer_fn, version: int,
-             teacher: bool = False) -> dict[str, float]:
+def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
+             version: int, teacher: bool = False) -> dict[str, float]:
     """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
     `eval/<task>/teacher_accuracy` with the teacher prompt."""
     if not examples:
         return {}
-    prompts = [teacher_prompt(e.prompt, e.context, cfg.teacher.template) if teacher else e.prompt for e in examples]
-    rollouts = pool.generate([encode_prompt(p, tokenizer) for p in prompts], [e.id for e in examples],
+    ids = encoded.teacher if teacher else encoded.student
+    rollouts = pool.generate([ids[e.id] for e in examples], [e.id for e in examples],
                              expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
     completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    scores = answer_fn(prompts, completions, answer=[e.answer for e in examples])
+    scores = answer_fn([e.prompt for e in examples], completions, answer=[e.answer for e in examples])
     per_task = defaultdict(list)
     for example, score in zip(examples, scores, strict=True):
         if score is not None:
