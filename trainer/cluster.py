@@ -17,8 +17,6 @@ from rollout.pool import EnginePool, shards
 from trainer.config import Config, config_to_dict
 from trainer.learner import Learner
 
-logger = logging.getLogger(__name__)
-
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                   "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
@@ -45,11 +43,11 @@ def _actor_options(gpu: bool, env: dict | None = None) -> dict:
     return options
 
 
-def build_engines(cfg: Config, count: int, name: str, model_path: str | None = None) -> EnginePool:
+def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     gpu = _has_gpus()
     remote = ray.remote(RolloutEngine).options(**_actor_options(gpu, None if gpu else CPU_ENGINE_ENV))
     max_len = cfg.model.max_model_len
-    actors = [remote.remote(model_path or cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
+    actors = [remote.remote(cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
                             seed=cfg.train.seed + i, max_logprobs=cfg.loss.topk,
                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                             tokenizer=cfg.model.tokenizer)
@@ -74,7 +72,6 @@ class LearnerGroup:
 
     def __init__(self, cfg: Config):
         gpu = _has_gpus()
-        self.cfg = cfg
         remote = ray.remote(Learner).options(**_actor_options(gpu))
         address, port = ray.get(_rendezvous.remote())
         config = config_to_dict(cfg)
