@@ -24,7 +24,7 @@ def local_ray():
 
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=30)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
     yield ray
     ray.shutdown()
 

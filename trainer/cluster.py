@@ -22,11 +22,14 @@ CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
 
 
 def start_ray(cfg: Config):
-    """Joins `ray.address` when set; otherwise starts a local Ray."""
+    """Joins `ray.address`, or the cluster a `ray job submit` entrypoint runs in (RAY_ADDRESS);
+    otherwise starts a private local Ray. "local" matters: a bare `ray.init()` would silently join
+    whatever cluster `ray start` last left running on this machine."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=cfg.ray.address, include_dashboard=False if cfg.ray.address is None else None,
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False if address == "local" else None,
              logging_level=logging.WARNING, log_to_driver=True)
 
 
