@@ -32,13 +32,20 @@ class EnginePool:
         return [item for result in ray.get(refs) for item in result]
 
     def generate(self, prompt_ids: list[list[int]], example_ids: list[str], expected_version: int,
-                 **sampling) -> list[Rollout]:
-        rollouts = self._map("generate", prompt_ids, example_ids, **sampling)
+                 seeds: list[int] | None = None, **sampling) -> list[Rollout]:
+        if seeds is None:
+            rollouts = self._map("generate", prompt_ids, example_ids, **sampling)
+        else:
+            rollouts = self._map("generate", prompt_ids, example_ids, seeds, **sampling)
         stale = {r.policy_version for r in rollouts} - {expected_version}
         if stale:
             raise StaleRolloutError(f"{self.name} engines produced rollouts of policy versions {sorted(stale)}, "
                                     f"expected {expected_version}: a weight sync was lost")
         return rollouts
+
+    def close(self):
+        for actor in self.actors:
+            ray.kill(actor)
 
     def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int) -> list[TeacherScores]:
         return self._map("score", sequences, completion_starts, topk=topk)

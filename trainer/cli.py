@@ -1,6 +1,7 @@
 """The `selfdistill` command line.
 
-  selfdistill train CONFIG [a.b=value ...]     run on-policy self-distillation
+  selfdistill train CONFIG [a.b=value ...]     run on-policy self-distillation (resumes the run if it exists)
+  selfdistill adapt --from CKPT --data NEW     a new stage from a checkpoint, with forgetting measured
   selfdistill config CONFIG [a.b=value ...]    validate a config and print it resolved
   selfdistill config --reference               every option, its type, default and meaning
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
@@ -29,13 +30,31 @@ def _config(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if cfg.stages:
+        from trainer.continual import forgetting_markdown, run_stages
+        summary = run_stages(cfg, args.resume)
+        print("\n".join(format_summary(s) for s in summary["stages"]))
+        print(forgetting_markdown(summary["forgetting"]), end="")
+        print(f"forgetting table: {summary['run_dir']}/forgetting.md")
+        return 0
     from trainer.loop import train
-    summary = train(load_config(args.config, args.overrides))
+    print(format_summary(train(cfg, args.resume)))
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from trainer.continual import adapt, forgetting_markdown
+    summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, args.overrides, args.resume)
     print(format_summary(summary))
+    print(forgetting_markdown(summary["forgetting"]), end="")
     return 0
 
 
 def format_summary(summary: dict) -> str:
+    if summary.get("stopped_by"):
+        return (f"selfdistill: stopped by {summary['stopped_by']} after step {summary['steps']}; "
+                f"checkpoint {summary['checkpoint']}; the same command resumes it")
     lines = [f"selfdistill: {summary['steps']} steps in {summary['seconds']:.0f} s"]
     for key, start in summary["start"].items():
         if key.endswith("/teacher_accuracy"):
@@ -72,7 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run on-policy self-distillation")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    train.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                       help="auto (default): continue the run directory's latest checkpoint if there is one; "
+                            "never: refuse an existing run; PATH: a checkpoint or run directory to continue from")
     train.set_defaults(run=_train)
+
+    adapt = commands.add_parser("adapt", help="train a checkpoint on new data, measuring what it keeps")
+    adapt.add_argument("--from", dest="from_", required=True, metavar="CHECKPOINT",
+                       help="a checkpoint (runs/NAME/checkpoints/step_N) or a run directory (its latest)")
+    adapt.add_argument("--data", required=True, help="the new training prompts")
+    adapt.add_argument("--eval", action="append", help="held-out prompts of the new data (repeatable)")
+    adapt.add_argument("--eval-prior", action="append",
+                       help="held-out prompts of earlier tasks (repeatable; default: the parent run's data.eval)")
+    adapt.add_argument("--config", help="config to start from (default: the parent run's config.yaml)")
+    adapt.add_argument("--resume", default="auto", metavar="auto|never|PATH", help="as for train")
+    adapt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 name=stage2")
+    adapt.set_defaults(run=_adapt)
 
     toy = commands.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     prep = toy.add_parser("prepare", help="write seeded tasks and pretrain the tiny base model")

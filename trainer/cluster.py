@@ -96,6 +96,18 @@ class LearnerGroup:
     def save_pretrained(self, directory: str):
         ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])
 
+    def save(self, directory: str):
+        """A resumable checkpoint: `directory/engine/` (DeepSpeed states, RNG, EMA teacher) and `directory/hf/`."""
+        ray.get([actor.save.remote(directory) for actor in self.actors])
+        self.save_pretrained(f"{directory}/hf")
+
+    def load(self, directory: str):
+        ray.get([actor.load.remote(directory) for actor in self.actors])
+
+    def close(self):
+        for actor in self.actors:
+            ray.kill(actor)
+
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Token-weighted mean of the ranks' per-token metrics; rank 0's for the rest (lr, grad norm)."""

@@ -93,8 +93,8 @@ class ColumnsConfig:
 class DataConfig:
     train: str | None = None
     """Training prompts: a `.jsonl` or `.parquet` file, or a directory written by `datasets.save_to_disk`. Required."""
-    eval: str | None = None
-    """Held-out prompts for evaluation, in the same formats; null = no evaluation."""
+    eval: str | list[str] | None = None
+    """Held-out prompts for evaluation, in the same formats, or a list of such sets (e.g. earlier tasks', to measure forgetting); null = no evaluation."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Which column holds what."""
     on_invalid: Literal["error", "skip"] = "error"
@@ -180,7 +180,9 @@ class TrainConfig:
     eval_every: NonNegative = 25
     """Evaluate every N steps, and always at step 0 and the last step; 0 = only then."""
     save_every: NonNegative = 0
-    """Save a checkpoint every N steps, and always at the end; 0 = only at the end."""
+    """Save a checkpoint every N steps, and always at the end (and on SIGTERM); 0 = only at the end."""
+    keep_checkpoints: NonNegative = 0
+    """Keep only the newest N checkpoints (the optimizer state is 3× the weights); 0 = keep all."""
     seed: int = 0
     """Seed of the data sampler, the engines' sampling and the learners."""
 
@@ -197,6 +199,18 @@ class LogConfig:
 class RayConfig:
     address: str | None = None
     """Ray cluster to join (`auto` or `host:port`); null = start a local Ray."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    """Stage name; its run directory is `<run dir>/stages/<name>/`."""
+    train: str | None = None
+    """The stage's training prompts (as `data.train`). Required."""
+    eval: str | None = None
+    """The stage's held-out prompts (as `data.eval`); every stage is evaluated on every stage's set."""
+    steps: Positive = 100
+    """Optimizer steps of the stage."""
 
 
 @dataclass
@@ -225,6 +239,8 @@ class Config:
     """Metric sinks."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Where the actors run."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Continual learning: stages run in order, each from the previous one's final weights, each evaluated on every stage's eval set, with a forgetting table at the end; empty = one run on `data.train` (see README)."""
 
     def __post_init__(self):
         problems = cross_field_problems(self)
@@ -237,8 +253,17 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
     problems = []
     if not cfg.model.path:
         problems.append(("model.path", "is required (a directory written by save_pretrained)"))
-    if not cfg.data.train:
+    if not cfg.data.train and not cfg.stages:
         problems.append(("data.train", "is required (a .jsonl/.parquet file or a datasets directory)"))
+    for i, stage in enumerate(cfg.stages):
+        if not stage.train:
+            problems.append((f"stages.{i}.train", "is required (a .jsonl/.parquet file or a datasets directory)"))
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", stage.name):
+            problems.append((f"stages.{i}.name", f"must be letters, digits, '.', '_' or '-' (it names a directory), "
+                                                 f"got {stage.name!r}"))
+    names = [stage.name for stage in cfg.stages]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append((f"stages.{names.index(name)}.name", f"{name!r} names more than one stage"))
     if cfg.loss.estimator == "full" and cfg.teacher.scorer != "learner":
         problems.append(("loss.estimator", "'full' needs the full-vocabulary teacher of teacher.scorer='learner' "
                                            f"(got teacher.scorer={cfg.teacher.scorer!r}); "
@@ -334,6 +359,11 @@ def _line_map(node, prefix: str = "") -> dict[str, int]:
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
             lines[path] = key_node.start_mark.line + 1
             lines.update(_line_map(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}"
+            lines[path] = item.start_mark.line + 1
+            lines.update(_line_map(item, path))
     return lines
 
 
@@ -357,7 +387,7 @@ def _parse_override_text(raw: str, tp: Any) -> Any:
     base = next(o for o in options if o is not type(None))
     if get_origin(base) is Annotated:
         base = get_args(base)[0]
-    if base is str:
+    if base is str and not (raw.startswith("[") and any(get_origin(o) is list for o in options)):
         return str(raw)
     try:
         return yaml.safe_load(raw)
@@ -423,7 +453,7 @@ def _coerce(value: Any, tp: Any, path: str, source: _Source) -> Any:
             if len(options) < len(get_args(tp)):
                 return None
             source.fail(path, "must not be null")
-        return _coerce(value, options[0], path, source)
+        return _coerce(value, _option_for(value, options), path, source)
     if origin is Literal:
         choices = get_args(tp)
         if any(value == c and type(value) is type(c) for c in choices):
@@ -439,6 +469,13 @@ def _coerce(value: Any, tp: Any, path: str, source: _Source) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, source)
     return _coerce_scalar(value, tp, path, source)
+
+
+def _option_for(value: Any, options: list) -> Any:
+    """The member of a union that a value's shape asks for: a list for a list, else the first."""
+    if isinstance(value, list):
+        return next((o for o in options if get_origin(o) is list), options[0])
+    return options[0]
 
 
 def _coerce_scalar(value: Any, tp: type, path: str, source: _Source) -> Any:
@@ -486,8 +523,11 @@ def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(reference(hints[f.name], path))
-        else:
-            rows.append((path, _type_name(hints[f.name]), _default_text(default), docs.get(f.name, "")))
+            continue
+        rows.append((path, _type_name(hints[f.name]), _default_text(default), docs.get(f.name, "")))
+        item = get_args(hints[f.name])[0] if get_origin(hints[f.name]) is list else None
+        if dataclasses.is_dataclass(item):  # a list of sections, e.g. stages: document an item's fields
+            rows.extend(reference(item, f"{path}[]"))
     return rows
 
 
@@ -502,7 +542,8 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return " | ".join(str(c) for c in get_args(tp))
     if origin is list:
-        return f"list[{_type_name(get_args(tp)[0])}]"
+        item = get_args(tp)[0]
+        return "list of sections" if dataclasses.is_dataclass(item) else f"list[{_type_name(item)}]"
     return "null" if tp is type(None) else tp.__name__
 
 

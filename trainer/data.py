@@ -182,6 +182,22 @@ def load_examples(path: str | Path, columns: ColumnsConfig | None = None,
     return examples, report
 
 
+def load_eval_sets(paths: str | list[str] | None, columns: ColumnsConfig | None = None,
+                   on_invalid: str = "error") -> list[Example]:
+    """One or several held-out sets, concatenated; an id that two sets share is an error, because
+    results are kept by id."""
+    if not paths:
+        return []
+    examples, seen = [], {}
+    for path in dict.fromkeys([paths] if isinstance(paths, str) else paths):  # a set named twice counts once
+        for example in load_examples(path, columns, on_invalid)[0]:
+            if example.id in seen:
+                raise DataError(f"{example.where}: duplicate id {example.id!r} across eval sets (also at {seen[example.id]})")
+            seen[example.id] = example.where
+            examples.append(example)
+    return examples
+
+
 def fingerprint(examples: list[Example]) -> str:
     """Content hash of the records (not of file names or formats), to detect a changed dataset on resume."""
     digest = hashlib.sha256()

@@ -271,5 +271,55 @@ class Learner:
         module.save_pretrained(directory, state_dict=weights)
         AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path).save_pretrained(directory)
 
+    # ------------------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """This rank's part of a resumable checkpoint in `directory/engine/`: DeepSpeed's model,
+        optimizer and scheduler states, this rank's RNG, and (rank 0) the EMA teacher. Every rank
+        must call it: DeepSpeed's save is collective."""
+        self.engine.save_checkpoint(directory, tag="engine", save_latest=False)
+        engine_dir = os.path.join(directory, "engine")
+        torch.save(_rng_state(), os.path.join(engine_dir, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0 and self.cfg.teacher.weights == "ema" and self.teacher is not None:
+            torch.save({"teacher": self.teacher.state_dict(), "fp32_master": self._ema_master},
+                       os.path.join(engine_dir, "ema_teacher.pt"))
+
+    def load(self, directory: str) -> None:
+        """Restores what `save` wrote: after it, training continues exactly where it stopped."""
+        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint to resume from")
+        engine_dir = os.path.join(directory, "engine")
+        if self.cfg.teacher.weights == "ema" and self.teacher is not None:
+            saved = torch.load(os.path.join(engine_dir, "ema_teacher.pt"), map_location=self.device, weights_only=False)
+            self.teacher.load_state_dict(saved["teacher"])
+            if self._ema_master is not None:
+                for master, value in zip(self._ema_master, saved["fp32_master"], strict=True):
+                    master.copy_(value)
+        rng = os.path.join(engine_dir, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):  # a checkpoint from a run with another learner count has none for new ranks
+            _set_rng_state(torch.load(rng, weights_only=False))
+
     def ready(self) -> int:
         return self.rank
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -3,12 +3,13 @@
     sample (student engines) → reward → score (teacher) → train (learners) → sync weights → log
 
 The driver holds no model: engines and learners are Ray actors (`trainer.cluster`). Every rollout
-is stamped with the policy version that produced it, and the pool refuses stale ones.
+is stamped with the policy version that produced it, and the pool refuses stale ones. A run resumes
+from its latest checkpoint exactly (`trainer.checkpoint`), and SIGTERM stops it after the current
+step with a checkpoint (`trainer.preemption`).
 """
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from transformers import AutoTokenizer
 import rewards
 from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
+from trainer.checkpoint import read_state, resolve_resume, restore_sampler, save_checkpoint, summarize, truncate_logs
 from trainer.cluster import LearnerGroup, build_engines, start_ray
 from trainer.config import Config, dump_config
-from trainer.data import PromptSampler, fingerprint, load_examples
-from trainer.errors import ConfigError
+from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_examples
 from trainer.metrics import MetricsLogger, timed
+from trainer.preemption import StopRequests
 from trainer.steps import (encode_prompts, evaluate, reward_metrics, sample_records, sample_rollouts,
                            score_on_engines, teacher_prompt_ids)
 
@@ -33,30 +35,21 @@ def needs_teacher_engine(cfg: Config) -> bool:
     return cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
 
 
-def save_checkpoint(learners: LearnerGroup, run_dir: Path, step: int, version: int, sampler: PromptSampler,
-                    data_fingerprint: str) -> Path:
-    """checkpoints/step_N/{hf/, state.json}; `latest` names the newest and is replaced atomically."""
-    directory = run_dir / "checkpoints" / f"step_{step}"
-    learners.save_pretrained(str(directory / "hf"))
-    state = {"step": step, "policy_version": version, "sampler": sampler.state_dict(), "data_fingerprint": data_fingerprint}
-    (directory / "state.json").write_text(json.dumps(state, indent=1))
-    tmp = run_dir / "checkpoints" / "latest.tmp"
-    tmp.write_text(directory.name)
-    os.replace(tmp, run_dir / "checkpoints" / "latest")
-    return directory
-
-
-def train(cfg: Config) -> dict:
-    """Runs the config to the end; returns the summary (also written to the run directory)."""
+def train(cfg: Config, resume: str = "auto") -> dict:
+    """Runs the config to its last step (or until SIGTERM); returns the summary, also written to the
+    run directory. `resume`: `auto` (the run directory's latest checkpoint, if any), `never`, or a path."""
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir) / cfg.name
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run; give another name=... or delete the directory")
+    checkpoint = resolve_resume(run_dir, resume)
+    state = read_state(checkpoint) if checkpoint else None
+    if state and state["step"] >= cfg.train.steps:
+        logger.info("%s is complete at step %d; nothing to do", run_dir, state["step"])
+        return summarize(run_dir, checkpoint, state["step"], started)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     train_set, _ = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
-    eval_set = load_examples(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)[0] if cfg.data.eval else []
+    eval_set = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
     sampler = PromptSampler(len(train_set), cfg.train.seed)
     data_fingerprint = fingerprint(train_set)
     encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
@@ -68,54 +61,75 @@ def train(cfg: Config) -> dict:
     teacher_engines = build_engines(cfg, 1, "teacher") if needs_teacher_engine(cfg) else None
     learners = LearnerGroup(cfg)
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
-    sink = MetricsLogger(run_dir, cfg.log)
-    version, teacher_version = 0, 0
     scoring_pool = teacher_engines or students
+    version, teacher_version, done = 0, 0, 0
+    try:
+        if checkpoint:
+            done, version, teacher_version = state["step"], state["policy_version"], state["teacher_version"]
+            learners.load(str(checkpoint))
+            restore_sampler(sampler, state, data_fingerprint, run_dir, checkpoint)
+            truncate_logs(run_dir, done)
+            transport.sync(learners.export("student"), students.named, version)  # before the first rollout
+            if teacher_engines is not None and cfg.teacher.weights == "ema":
+                transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+        sink = MetricsLogger(run_dir, cfg.log, purge_step=done + 1 if checkpoint else None)
+        if not checkpoint:
+            first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
+            first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True)
+            sink.log(0, first)
+            logger.info("step 0: %s", _brief(first))
 
-    first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
-    first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True)
-    sink.log(0, first)
-    logger.info("step 0: %s", _brief(first))
-    last = first
-    for step in range(1, cfg.train.steps + 1):
-        metrics: dict[str, float] = {}
-        with timed(metrics, "step"):
-            examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
-            with timed(metrics, "generate"):
-                rollouts = sample_rollouts(students, examples, encoded_train, cfg, version)
-            metrics |= reward_metrics(reward_fns, examples, rollouts, tokenizer)
-            with timed(metrics, "score"):
-                teacher_prompts = teacher_prompt_ids(rollouts, encoded_train)
-                scores = None
-                if cfg.teacher.scorer == "engine":
-                    scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
-            with timed(metrics, "train"):
-                total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
-                metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
-            with timed(metrics, "sync"):
-                version += 1
-                transport.sync(learners.export("student"), students.named, version)
-                if teacher_engines is not None and cfg.teacher.weights == "ema":
-                    teacher_version += 1
-                    transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
-        metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
-        if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
-            last = metrics
-            logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            save_checkpoint(learners, run_dir, step, version, sampler, data_fingerprint)
-        sink.log(step, metrics)
-        if cfg.log.samples_every and step % cfg.log.samples_every == 0:
-            with (run_dir / "samples.jsonl").open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
+        def checkpoint_now(step: int) -> Path:
+            driver_state = {"step": step, "policy_version": version, "teacher_version": teacher_version,
+                            "sampler": sampler.state_dict(), "data_fingerprint": data_fingerprint,
+                            "data": str(cfg.data.train)}
+            return save_checkpoint(learners, run_dir, driver_state, cfg.train.keep_checkpoints)
 
-    final = save_checkpoint(learners, run_dir, cfg.train.steps, version, sampler, data_fingerprint)
-    sink.close()
-    summary = {"run_dir": str(run_dir), "checkpoint": str(final / "hf"), "steps": cfg.train.steps,
-               "seconds": round(time.perf_counter() - started, 1),
-               "start": {k: v for k, v in first.items() if k.startswith("eval/")},
-               "end": {k: v for k, v in last.items() if k.startswith("eval/")}}
+        saved = checkpoint
+        with StopRequests() as stop:
+            for step in range(done + 1, cfg.train.steps + 1):
+                metrics: dict[str, float] = {}
+                with timed(metrics, "step"):
+                    examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
+                    with timed(metrics, "generate"):
+                        rollouts = sample_rollouts(students, examples, encoded_train, cfg, version, step)
+                    metrics |= reward_metrics(reward_fns, examples, rollouts, tokenizer)
+                    with timed(metrics, "score"):
+                        teacher_prompts = teacher_prompt_ids(rollouts, encoded_train)
+                        scores = None
+                        if cfg.teacher.scorer == "engine":
+                            scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
+                    with timed(metrics, "train"):
+                        total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
+                        metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
+                    with timed(metrics, "sync"):
+                        version += 1
+                        transport.sync(learners.export("student"), students.named, version)
+                        if teacher_engines is not None and cfg.teacher.weights == "ema":
+                            teacher_version += 1
+                            transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+                done = step
+                metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
+                if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                    metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
+                    logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
+                sink.log(step, metrics)
+                if cfg.log.samples_every and step % cfg.log.samples_every == 0:
+                    with (run_dir / "samples.jsonl").open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
+                if stop.requested:
+                    logger.warning("%s received: stopping after step %d with a checkpoint", stop.signal_name, step)
+                    break
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
+                    saved = checkpoint_now(step)
+            if saved is None or read_state(saved)["step"] != done:
+                saved = checkpoint_now(done)
+        sink.close()
+    finally:
+        for group in (students, teacher_engines, learners):
+            if group is not None:
+                group.close()
+    summary = summarize(run_dir, saved, done, started, stopped_by=stop.signal_name)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

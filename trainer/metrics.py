@@ -23,12 +23,14 @@ def timed(metrics: dict[str, float], phase: str):
 class MetricsLogger:
     """Writes `metrics.jsonl` (one line per step) and, when enabled, TensorBoard event files."""
 
-    def __init__(self, run_dir: Path, cfg: LogConfig):
+    def __init__(self, run_dir: Path, cfg: LogConfig, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events the run logged from
+        there on before it was interrupted, as `metrics.jsonl` does (`trainer.checkpoint.truncate_logs`)."""
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]):
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -1,6 +1,7 @@
 """The step functions the loop calls: sample, reward, score, evaluate. Each returns data or a
 metrics dict; none keeps state."""
 
+import hashlib
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,12 +28,19 @@ def encode_prompts(examples: list[Example], tokenizer, template: str) -> Encoded
         teacher={e.id: encode_prompt(teacher_prompt(e.prompt, e.context, template), tokenizer) for e in examples})
 
 
+def rollout_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of the `position`-th prompt of a step: a pure function of the run's seed,
+    so that rollouts are reproducible across resumes and engine restarts."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**31
+
+
 def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, cfg: Config,
-                    version: int) -> list[Rollout]:
+                    version: int, step: int) -> list[Rollout]:
     r = cfg.rollout
     return pool.generate([encoded.student[e.id] for e in examples], [e.id for e in examples],
-                         expected_version=version, n=r.n, max_tokens=r.max_tokens, temperature=r.temperature,
-                         top_p=r.top_p, top_k=r.top_k)
+                         expected_version=version, seeds=[rollout_seed(cfg.train.seed, step, i) for i in range(len(examples))],
+                         n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
 
 def teacher_prompt_ids(rollouts: list[Rollout], encoded: EncodedPrompts) -> list[list[int]]:
