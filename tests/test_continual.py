@@ -137,8 +137,14 @@ def _overrides(toy_world, small_eval, tmp_path, *extra):
             "learner.micro_batch=8", "train.eval_every=0", "log.samples_every=2", *extra]
 
 
-def _cli(*args, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+@pytest.fixture
+def ray_address(local_ray) -> str:
+    """The CLI processes join the test's Ray, as a `ray job submit` entrypoint joins its cluster."""
+    return local_ray.get_runtime_context().gcs_address
+
+
+def _cli(*args, log: Path, ray_address: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_address}
     return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -154,16 +160,16 @@ def _losses(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval, tmp_path):
+def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval, tmp_path, ray_address):
     """2N steps in one go vs N steps, SIGTERM, resume, N steps: the same per-step losses. EMA
     teacher and two ZeRO-2 ranks, so that every kind of state has to come back."""
     config = str(ROOT / "configs" / "toy.yaml")
     common = _overrides(toy_world, small_eval, tmp_path, "train.steps=8", "teacher.weights=ema",
                         "teacher.ema_alpha=0.1", "learner.num=2", "train.save_every=0")
-    whole = _cli("train", config, *common, "name=whole", log=tmp_path / "whole.log")
+    whole = _cli("train", config, *common, "name=whole", log=tmp_path / "whole.log", ray_address=ray_address)
     _finish(whole, tmp_path / "whole.log")
 
-    cut = _cli("train", config, *common, "name=cut", log=tmp_path / "cut.log")
+    cut = _cli("train", config, *common, "name=cut", log=tmp_path / "cut.log", ray_address=ray_address)
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines())):
@@ -175,7 +181,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
     assert stopped["stopped_by"] == "SIGTERM" and 3 <= stopped["steps"] < 8, log[-3000:]
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step_{stopped['steps']}"
 
-    resumed = _cli("train", config, *common, "name=cut", log=tmp_path / "resume.log")
+    resumed = _cli("train", config, *common, "name=cut", log=tmp_path / "resume.log", ray_address=ray_address)
     log = _finish(resumed, tmp_path / "resume.log")
     assert f"resumed from {tmp_path / 'cut' / 'checkpoints' / ('step_%d' % stopped['steps'])}" in log
     expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
@@ -190,7 +196,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
     subset = tmp_path / "addition-subset.jsonl"
     subset.write_text("".join((toy_world / "data" / "addition" / "train.jsonl").read_text().splitlines(True)[:200]))
     changed = _cli("train", config, *common, "name=cut", "train.steps=10", f"data.train={subset}",
-                   log=tmp_path / "changed.log")
+                   log=tmp_path / "changed.log", ray_address=ray_address)
     log = _finish(changed, tmp_path / "changed.log")
     assert "training data changed since" in log and "the sampler starts over" in log
     event = json.loads((tmp_path / "cut" / "resumes.jsonl").read_text().splitlines()[-1])
@@ -199,7 +205,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
 
 
 @pytest.mark.slow
-def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path):
+def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path, ray_address):
     evals = {}
     for task in ("addition", "subtraction"):
         lines = (toy_world / "data" / task / "eval.jsonl").read_text().splitlines(True)[:32]
@@ -219,7 +225,7 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
           - {{name: add, train: {toy_world / 'data' / 'addition' / 'train.jsonl'}, eval: {evals['addition']}, steps: 3}}
           - {{name: sub, train: {toy_world / 'data' / 'subtraction' / 'train.jsonl'}, eval: {evals['subtraction']}, steps: 3}}
         """))
-    log = _finish(_cli("train", str(config), log=tmp_path / "stages.log"), tmp_path / "stages.log")
+    log = _finish(_cli("train", str(config), log=tmp_path / "stages.log", ray_address=ray_address), tmp_path / "stages.log")
     table = json.loads((tmp_path / "seq" / "forgetting.json").read_text())
     assert table["rows"] == ["start", "add", "sub"] and table["tasks"] == ["addition", "subtraction"]
     start = read_metrics(tmp_path / "seq" / "stages" / "add")[0]
@@ -235,14 +241,14 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
         read_metrics(tmp_path / "seq" / "stages" / "add")[-1]["eval/addition/accuracy"]
 
     # Rerunning the finished sequence reads it back instead of training again.
-    again = _finish(_cli("train", str(config), log=tmp_path / "again.log"), tmp_path / "again.log")
+    again = _finish(_cli("train", str(config), log=tmp_path / "again.log", ray_address=ray_address), tmp_path / "again.log")
     assert again.count("nothing to do") == 2
 
     # adapt from the first stage's final checkpoint to subtraction, with the addition set as the prior task
     log = _finish(_cli("adapt", "--from", str(tmp_path / "seq" / "stages" / "add"),
                        "--data", str(toy_world / "data" / "subtraction" / "train.jsonl"),
                        "--eval", str(evals["subtraction"]), "--eval-prior", str(evals["addition"]),
-                       "train.steps=2", "name=adapted", log=tmp_path / "adapt.log"), tmp_path / "adapt.log")
+                       "train.steps=2", "name=adapted", log=tmp_path / "adapt.log", ray_address=ray_address), tmp_path / "adapt.log")
     run = tmp_path / "seq" / "stages" / "adapted"
     lineage = json.loads((run / "lineage.json").read_text())
     assert lineage["from"]["step"] == 3 and lineage["data"]["train"].endswith("subtraction/train.jsonl")
