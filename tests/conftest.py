@@ -24,7 +24,11 @@ def local_ray():
 
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
+    running = os.environ.get("SELFDISTILL_TEST_RAY_ADDRESS")  # a Ray already up, e.g. on a busy machine
+    if running:
+        ray.init(address=running, logging_level=30)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
     yield ray
     ray.shutdown()
 
