@@ -1,4 +1,12 @@
-"""Answer matching for plain answers such as the toy world's: exact text, or equal numbers."""
+"""Answer matching: exact text or equal numbers for plain answers (such as the toy world's), after
+extracting a final answer from common formats; TRL's `accuracy_reward` (math-verify) for math,
+which handles \\boxed{}, LaTeX and equivalent forms."""
+
+import re
+
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+MARKED = re.compile(r"(?:####|(?:final answer|answer)\s*(?:is)?\s*[:=]?)\s*(.+)", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 def completion_text(completion) -> str:
@@ -15,17 +23,63 @@ def _as_number(text: str) -> float | None:
         return None
 
 
-def is_match(completion: str, answer: str) -> bool:
-    """True when the stripped completion equals the answer, as text or as a number ("12.0" == "12")."""
-    got, want = completion.strip(), answer.strip()
+def final_answer(text: str) -> str | None:
+    """The final answer stated in `text`: the last \\boxed{...}, else what follows the last '####' or
+    'answer is' / 'Answer:', else the last number; None when there is none. Trailing periods and
+    $ signs are dropped."""
+    for pattern in (BOXED, MARKED):
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip().strip("$").rstrip(".").strip()
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _same(got: str, want: str) -> bool:
     if got == want:
         return True
     a, b = _as_number(got), _as_number(want)
     return a is not None and b is not None and a == b
 
 
-def answer_match(prompts, completions, answer=None, **columns) -> list[float | None]:
-    """Reward 1.0 for a matching answer, 0.0 otherwise; None (skip) where a record has no answer."""
+def is_match(completion: str, answer: str) -> bool:
+    """True when the completion, or the final answer extracted from it, equals the answer as text or
+    as a number ("12.0" == "12", "1,000" == "1000")."""
+    got, want = completion.strip(), answer.strip()
+    if _same(got, want):
+        return True
+    extracted = final_answer(got)
+    return extracted is not None and _same(extracted, want)
+
+
+def _math_verify(texts: list[str], answers: list[str]) -> list[float | None]:
+    """TRL's accuracy_reward (math-verify); None where math-verify is not installed or the gold
+    answer does not parse."""
+    from trl.import_utils import is_math_verify_available
+    if not is_math_verify_available():
+        return [None] * len(texts)
+    from trl.rewards import accuracy_reward
+    return accuracy_reward([[{"role": "assistant", "content": t}] for t in texts], answers)
+
+
+def answer_match(prompts, completions, answer=None, feedback=None, **columns) -> list[float | None]:
+    """1.0 for a matching answer, 0.0 otherwise; None (skip) where a record has no answer.
+
+    Plain matching first; what it rejects goes to math-verify, which accepts equivalent forms
+    (\\boxed{\\frac{1}{2}} for 0.5). With the `feedback` side channel, a wrong answer gets a note
+    naming what was extracted."""
     answers = answer if answer is not None else [None] * len(completions)
-    return [None if want is None else float(is_match(completion_text(c), want))
-            for c, want in zip(completions, answers, strict=True)]
+    texts = [completion_text(c) for c in completions]
+    scores = [None if want is None else float(is_match(text, want)) for text, want in zip(texts, answers, strict=True)]
+    retry = [i for i, s in enumerate(scores) if s == 0.0]
+    if retry:
+        for i, verified in zip(retry, _math_verify([texts[i] for i in retry], [answers[i] for i in retry])):
+            if verified:
+                scores[i] = 1.0
+    if feedback is not None:
+        for i, score in enumerate(scores):
+            if score == 0.0:
+                got = final_answer(texts[i])
+                feedback[i] = "The previous answer had no final answer." if got is None else \
+                    f"The previous answer {got} is wrong."
+    return scores

@@ -26,6 +26,10 @@ class Rollout:
     finish_reason: str
     """'stop' (end of sequence) or 'length' (hit rollout.max_tokens)."""
     text: str = ""
+    advantage: float = 0.0
+    """Group-normalized reward advantage, for the RL term (`loss.mode=grpo` or `loss.rl_coef`)."""
+    distill: bool = True
+    """Whether the distillation term applies to it (false: `teacher.context=sibling` found no successful sibling)."""
 
 
 @dataclass

@@ -115,7 +115,7 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     total = sum(tokens) or 1.0
     merged = dict(per_rank[0])
     for key in per_rank[0]:
-        if key.startswith(("distill/", "health/")):
+        if key.startswith(("distill/", "health/", "rl/", "sft/")):
             merged[key] = sum(m.get(key, 0.0) * t for m, t in zip(per_rank, tokens)) / total
     merged["tokens"] = sum(tokens)
     return merged

@@ -111,6 +111,12 @@ class TeacherConfig:
     """Who scores the student's tokens: vLLM `prompt_logprobs` (`engine`: sampled + top-k) or a learner forward (`learner`: full vocabulary)."""
     template: str = DEFAULT_TEACHER_TEMPLATE
     """How the privileged context enters the teacher prompt; must use `{prompt}` and `{context}` and no other field."""
+    context: Literal["dataset", "sibling"] = "dataset"
+    """The privileged context: the record's `context` column (`dataset`), or, as in SDPO, a successful rollout of the same group plus the reward's feedback on this one (`sibling`); samples without a successful sibling get no distillation loss."""
+    sibling_template: str = "{solution}\n\n{feedback}"
+    """With `context: sibling`, how the context is built: `{solution}` is the successful sibling's completion, `{feedback}` the rewards' feedback text on this sample (may be empty)."""
+    success_reward: float = 1.0
+    """With `context: sibling`, a sibling is successful when the sum of its rewards is at least this."""
 
 
 @dataclass
@@ -129,6 +135,14 @@ class LossConfig:
     """OPSD per-vocabulary-entry clip τ on the divergence terms; null = off."""
     is_cap: Annotated[float, Range(ge=1)] | None = None
     """Cap of the truncated importance weight between engine and learner logprobs (SDFT: 2); null = off."""
+    mode: Literal["distill", "sft", "grpo", "ssd"] = "distill"
+    """Training objective: `distill` (self-distillation from the teacher), `sft` (cross-entropy on the record's demonstration, no sampling), `grpo` (group-normalized reward policy gradient alone), `ssd` (cross-entropy on samples of the frozen starting model, shortest dropped)."""
+    rl_coef: Annotated[float, Range(ge=0)] = 0.0
+    """With `mode: distill`, weight of an added GRPO policy-gradient term on the rewards; 0 = off."""
+    sft_target: Literal["answer", "context"] = "answer"
+    """With `mode: sft`, the completion to imitate, followed by EOS: the `answer` column (e.g. the toy world's) or the `context` column (a demonstration, as in SDFT's data)."""
+    ssd_drop_shortest: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    """With `mode: ssd`, the fraction of each step's samples dropped, shortest first (SSD: 0.1)."""
 
 
 @dataclass
@@ -280,8 +294,36 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
     if sequences % cfg.learner.num:
         problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
                                         f"rank gets the same share, got {cfg.learner.num}"))
+    problems += _objective_problems(cfg)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
+    return problems
+
+
+def _objective_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Checks of loss.mode, the RL term and the sibling teacher context."""
+    problems = []
+    mode, uses_rl = cfg.loss.mode, cfg.loss.mode == "grpo" or cfg.loss.rl_coef > 0
+    if cfg.loss.rl_coef > 0 and mode != "distill":
+        problems.append(("loss.rl_coef", f"adds the RL term to the distillation loss; loss.mode={mode!r} "
+                                         "has none (grpo is the RL term alone)"))
+    needs_groups = [what for what, on in (("the RL term", uses_rl), ("teacher.context='sibling'",
+                                                                     cfg.teacher.context == "sibling")) if on]
+    if needs_groups and cfg.rollout.n < 2:
+        problems.append(("rollout.n", f"{' and '.join(needs_groups)} compares samples of the same prompt: "
+                                      f"needs rollout.n >= 2, got {cfg.rollout.n}"))
+    if needs_groups and not cfg.rewards:
+        problems.append(("rewards", f"{' and '.join(needs_groups)} needs at least one reward function"))
+    if cfg.teacher.context == "sibling" and mode != "distill":
+        problems.append(("teacher.context", f"'sibling' builds the distillation teacher's context; "
+                                            f"loss.mode={mode!r} uses no teacher"))
+    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.sibling_template) if name is not None}
+    if "solution" not in fields or not fields <= {"solution", "feedback"}:
+        problems.append(("teacher.sibling_template", f"must use {{solution}} and may use {{feedback}}, got {sorted(fields)}"))
+    if mode == "sft" and cfg.rollout.n != 1:
+        problems.append(("rollout.n", f"loss.mode='sft' trains on one demonstration per prompt: needs 1, got {cfg.rollout.n}"))
+    if mode == "sft" and cfg.loss.sft_target == "answer" and cfg.data.columns.answer is None:
+        problems.append(("loss.sft_target", "'answer' needs data.columns.answer (it is null)"))
     return problems
 
 

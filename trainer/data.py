@@ -34,6 +34,8 @@ class Example:
     answer: str | None
     task: str
     where: str
+    extra: dict = field(default_factory=dict, compare=False)
+    """The record's other fields (e.g. a `tests` column), passed to reward functions as TRL does."""
 
 
 @dataclass
@@ -101,6 +103,7 @@ def to_example(record: Any, columns: ColumnsConfig, default_id: str, where: str)
         answer=_text(record, columns.answer, required=False) if columns.answer else None,
         task=(_text(record, columns.task, required=False) if columns.task else None) or "default",
         where=where,
+        extra={k: v for k, v in record.items() if k not in dataclasses.asdict(columns).values()},
     )
 
 
@@ -202,7 +205,7 @@ def fingerprint(examples: list[Example]) -> str:
     """Content hash of the records (not of file names or formats), to detect a changed dataset on resume."""
     digest = hashlib.sha256()
     for example in examples:
-        content = {k: v for k, v in dataclasses.asdict(example).items() if k != "where"}
+        content = {k: v for k, v in dataclasses.asdict(example).items() if k != "where" and not (k == "extra" and not v)}
         digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()[:16]

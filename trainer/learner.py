@@ -113,6 +113,8 @@ class Learner:
 
     def _build_teacher(self, auto_cls, dtype):
         cfg = self.cfg.teacher
+        if self.cfg.loss.mode != "distill":
+            return None  # sft, ssd and grpo train without a teacher
         if cfg.weights == "ema" or (cfg.weights == "initial" and cfg.scorer == "learner"):
             # A plain full copy, outside DeepSpeed: it is never trained, only read or EMA-updated.
             teacher = auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype).to(self.device)
@@ -175,6 +177,11 @@ class Learner:
         mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device).bool()
 
         student_logits = completion_logits(self.engine, prompts, completions)
+        if loss_cfg.mode in ("sft", "ssd"):  # plain cross-entropy on the given completions: no teacher, no rewards
+            per_token = losses.token_cross_entropy(student_logits, tokens_T1[:, 0])
+            with torch.no_grad():
+                stats = {"tokens": mask_T.sum().item(), "sft/loss": torch.where(mask_T, per_token, 0.0).sum().item()}
+            return torch.where(mask_T, per_token, 0.0).sum(), stats
         student_lse = losses.chunked_logsumexp(student_logits)
         student_token_lp = losses.gather_logprobs(student_logits, tokens_T1, student_lse)[:, 0]
         with torch.no_grad():  # the sampling distribution, for the health gap and importance weights
@@ -182,6 +189,13 @@ class Learner:
             rollout_lse = losses.chunked_logsumexp(detached, temperature=temperature)
             rollout_token_lp = losses.gather_logprobs(detached, tokens_T1, rollout_lse, temperature=temperature)[:, 0]
         engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs], device=self.device)
+
+        rl_T = self._rl_term(rollouts, student_logits, tokens_T1, student_token_lp, engine_lp)
+        if loss_cfg.mode == "grpo":
+            with torch.no_grad():
+                stats = {"tokens": mask_T.sum().item(), "rl/pg_loss": torch.where(mask_T, rl_T, 0.0).sum().item(),
+                         "health/engine_trainer_logprob_gap": torch.where(mask_T, (rollout_token_lp - engine_lp).abs(), 0.0).sum().item()}
+            return torch.where(mask_T, rl_T, 0.0).sum(), stats
 
         teacher_logits = None
         if self.cfg.teacher.scorer == "learner":
@@ -200,7 +214,11 @@ class Learner:
 
         per_token = self._per_token_loss(student_logits, teacher_logits, student_token_lp, teacher_token_lp,
                                          student_topk_lp, topk_lp, rollout_token_lp, engine_lp)
-        loss = torch.where(mask_T, per_token, 0.0).sum()  # `where`, not a product: a masked inf stays out
+        # no distillation where the sibling context found no successful sibling; the RL term stays
+        distill_T = torch.tensor([r.distill for r in rollouts for _ in r.completion_ids], device=self.device)
+        per_token = torch.where(distill_T, per_token, 0.0)
+        loss_T = per_token if rl_T is None else per_token + loss_cfg.rl_coef * rl_T
+        loss = torch.where(mask_T, loss_T, 0.0).sum()  # `where`, not a product: a masked inf stays out
         with torch.no_grad():
             def total(values):
                 return torch.where(mask_T, values, 0.0).sum().item()
@@ -214,6 +232,8 @@ class Learner:
             }
             if student_topk_lp is not None:
                 stats["distill/topk_mass"] = total(losses.topk_mass(student_topk_lp))
+            if rl_T is not None:
+                stats["rl/pg_loss"] = total(rl_T)
         return loss, stats
 
     def _per_token_loss(self, student_logits, teacher_logits, student_token_lp, teacher_token_lp,
@@ -230,6 +250,21 @@ class Learner:
         if cfg.is_cap is not None:
             old = student_token_lp.detach() - (rollout_token_lp - engine_lp)
         return losses.sampled_token_pg(student_token_lp, teacher_token_lp, old_logprob_T=old, is_cap=cfg.is_cap)
+
+    def _rl_term(self, rollouts, student_logits, tokens_T1, student_token_lp, engine_lp) -> torch.Tensor | None:
+        """GRPO's policy-gradient term per token (None when neither loss.mode=grpo nor loss.rl_coef asks
+        for it), on the log-probs of the sampling distribution (logits / rollout.temperature), with the
+        truncated importance weight against the engine's logprobs when loss.is_cap is set."""
+        cfg, temperature = self.cfg.loss, self.cfg.rollout.temperature
+        if cfg.mode != "grpo" and not cfg.rl_coef:
+            return None
+        logprob_T = student_token_lp
+        if temperature != 1.0:
+            lse = losses.chunked_logsumexp(student_logits, temperature=temperature)
+            logprob_T = losses.gather_logprobs(student_logits, tokens_T1, lse, temperature=temperature)[:, 0]
+        advantage_T = torch.tensor([r.advantage for r in rollouts for _ in r.completion_ids], device=self.device)
+        return losses.policy_gradient(logprob_T, advantage_T, old_logprob_T=engine_lp if cfg.is_cap else None,
+                                      is_cap=cfg.is_cap)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -23,16 +23,16 @@ from trainer.cluster import LearnerGroup, build_engines, start_ray
 from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_examples
 from trainer.metrics import MetricsLogger, timed
+from trainer.objectives import collect_rollouts, prepare_batch, uses_teacher
 from trainer.preemption import StopRequests
-from trainer.steps import (encode_prompts, evaluate, reward_metrics, sample_records, sample_rollouts,
-                           score_on_engines, teacher_prompt_ids)
+from trainer.steps import encode_prompts, evaluate, sample_records, score_on_engines
 
 logger = logging.getLogger(__name__)
 
 
 def needs_teacher_engine(cfg: Config) -> bool:
     """A separate engine holds the teacher's weights when the engine scores with non-live weights."""
-    return cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
+    return uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
 
 
 def train(cfg: Config, resume: str = "auto") -> dict:
@@ -57,7 +57,10 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     reward_fns = rewards.resolve(cfg.rewards)
 
     start_ray(cfg)
-    students = build_engines(cfg, cfg.rollout.engines, "student")
+    # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
+    ssd = cfg.loss.mode == "ssd"
+    students = build_engines(cfg, 1 if ssd else cfg.rollout.engines, "student")
+    frozen = build_engines(cfg, cfg.rollout.engines, "frozen") if ssd else None
     teacher_engines = build_engines(cfg, 1, "teacher") if needs_teacher_engine(cfg) else None
     learners = LearnerGroup(cfg)
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
@@ -92,12 +95,14 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                 with timed(metrics, "step"):
                     examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
                     with timed(metrics, "generate"):
-                        rollouts = sample_rollouts(students, examples, encoded_train, cfg, version, step)
-                    metrics |= reward_metrics(reward_fns, examples, rollouts, tokenizer)
+                        rollouts = collect_rollouts(cfg, students, frozen, examples, encoded_train, tokenizer,
+                                                    version, step)
+                    batch = prepare_batch(cfg, reward_fns, examples, rollouts, encoded_train, tokenizer)
+                    rollouts, teacher_prompts = batch.rollouts, batch.teacher_prompts
+                    metrics |= batch.metrics
                     with timed(metrics, "score"):
-                        teacher_prompts = teacher_prompt_ids(rollouts, encoded_train)
                         scores = None
-                        if cfg.teacher.scorer == "engine":
+                        if uses_teacher(cfg) and cfg.teacher.scorer == "engine":
                             scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
                     with timed(metrics, "train"):
                         total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
@@ -126,7 +131,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                 saved = checkpoint_now(done)
         sink.close()
     finally:
-        for group in (students, teacher_engines, learners):
+        for group in (students, frozen, teacher_engines, learners):
             if group is not None:
                 group.close()
     summary = summarize(run_dir, saved, done, started, stopped_by=stop.signal_name)

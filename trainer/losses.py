@@ -256,14 +256,91 @@ def sampled_token_pg(
         With y ~ p_old, the weight w = p_S(y)/p_old(y) restores the expectation under p_S (exactly when
         uncapped; the cap trades that bias for bounded variance).
     """
-    advantage_T = (teacher_logprob_T - student_logprob_T).detach()
-    ratio_T = torch.exp(student_logprob_T - student_logprob_T.detach())
+    advantage_T = teacher_logprob_T - student_logprob_T
+    return policy_gradient(student_logprob_T, advantage_T, old_logprob_T=old_logprob_T, is_cap=is_cap)
+
+
+def policy_gradient(
+    logprob_T: torch.Tensor,
+    advantage_T: torch.Tensor,
+    *,
+    old_logprob_T: torch.Tensor | None = None,
+    is_cap: float | None = None,
+) -> torch.Tensor:
+    """REINFORCE surrogate per token: loss_T = −A·w·exp(log π − stop_grad(log π)).
+
+    Args:
+        logprob_T: [T] log π(y_t) of the sampled tokens under the current policy (with grad).
+        advantage_T: [T] advantage of each token (detached here).
+        old_logprob_T: [T] the behaviour policy's log-prob of the same tokens (the rollout engine's),
+            or None when the tokens were sampled from the current policy.
+        is_cap: truncate the importance weight w = π(y)/π_old(y) at this value; None = no cap.
+
+    Returns:
+        loss_T: [T], value −A·w, gradient −A·w·∇log π(y_t): minimizing its mean over sampled tokens
+        ascends E[A·log π] (the policy gradient).
+    """
+    advantage_T = advantage_T.detach()
+    ratio_T = torch.exp(logprob_T - logprob_T.detach())
     if old_logprob_T is not None:
-        weight_T = torch.exp(student_logprob_T.detach() - old_logprob_T.detach())
+        weight_T = torch.exp(logprob_T.detach() - old_logprob_T.detach())
         if is_cap is not None:
             weight_T = weight_T.clamp(max=is_cap)
         ratio_T = weight_T * ratio_T
     return -advantage_T * ratio_T
+
+
+def group_advantages(rewards_G: torch.Tensor, group_size: int, *, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalized advantages: A_i = (r_i − mean_g) / (std_g + eps).
+
+    Args:
+        rewards_G: [N·G] rewards, the G samples of each prompt contiguous (prompt by prompt). NaN marks
+            a sample no reward function scored (TRL's None); it gets advantage 0 and is left out of its
+            group's mean and std.
+        group_size: G, samples per prompt (`rollout.n`).
+        scale: divide by the group's standard deviation (Bessel-corrected, as TRL's GRPO does); False
+            keeps the mean-centred rewards only (Dr. GRPO).
+        eps: added to the standard deviation.
+
+    Returns:
+        advantage_G: [N·G] fp32. A group whose rewards are all equal (zero variance) gets all zeros:
+        it carries no learning signal, which is the waste `zero_variance_fraction` measures.
+    """
+    if group_size < 1 or rewards_G.numel() % group_size:
+        raise ValueError(f"{rewards_G.numel()} rewards do not split into groups of {group_size}")
+    r = rewards_G.float().reshape(-1, group_size)
+    valid = ~torch.isnan(r)
+    count = valid.sum(-1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(valid, r - mean, 0.0)
+    advantage = centred
+    if scale:
+        var = (centred ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+        std = var.sqrt()
+        advantage = torch.where(std > 0, centred / (std + eps), 0.0)  # a flat group: 0, not 0/0 when eps = 0
+    return advantage.reshape(-1)
+
+
+def zero_variance_fraction(rewards_G: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose scored rewards are all equal (or that hold fewer than two scored
+    samples): their GRPO advantages are all zero. NaN = unscored, as in `group_advantages`."""
+    r = rewards_G.float().reshape(-1, group_size)
+    valid = ~torch.isnan(r)
+    high = torch.where(valid, r, -math.inf).max(-1).values
+    low = torch.where(valid, r, math.inf).min(-1).values
+    flat = (valid.sum(-1) < 2) | (high == low)
+    return flat.float().mean().item()
+
+
+def token_cross_entropy(logits_TV: torch.Tensor, targets_T: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """loss_T [T] = −log softmax(logits_TV)[target]: the SFT loss of each target token, in fp32.
+
+    Untempered, from a chunked logsumexp, so no [T, V] fp32 log-softmax is held (see `chunked_logsumexp`).
+    It trains both `loss.mode=sft` (demonstrations) and `loss.mode=ssd` (samples of the frozen model).
+    """
+    lse_T = chunked_logsumexp(logits_TV, chunk_size=chunk_size)
+    return -gather_logprobs(logits_TV, targets_T.reshape(-1, 1), lse_T)[:, 0]
 
 
 def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:

@@ -43,35 +43,11 @@ def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedP
                          n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
 
-def teacher_prompt_ids(rollouts: list[Rollout], encoded: EncodedPrompts) -> list[list[int]]:
-    """The teacher prompt of each rollout's example (rollouts of one example share it)."""
-    return [encoded.teacher[r.example_id] for r in rollouts]
-
-
 def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
                      topk: int) -> list[TeacherScores]:
     """The teacher's logprobs of the student's own completion tokens, after the teacher prompt."""
     sequences = [p + r.completion_ids for p, r in zip(teacher_prompts, rollouts, strict=True)]
     return pool.score(sequences, [len(p) for p in teacher_prompts], topk)
-
-
-def reward_metrics(functions: dict, examples: list[Example], rollouts: list[Rollout], tokenizer) -> dict[str, float]:
-    """`reward/<name>` per function and `reward/mean` over them, skipping None (TRL's convention)."""
-    by_id = {e.id: e for e in examples}
-    rows = [by_id[r.example_id] for r in rollouts]
-    completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    prompts = [e.prompt for e in rows]
-    columns = {"answer": [e.answer for e in rows], "context": [e.context for e in rows], "task": [e.task for e in rows]}
-    metrics, means = {}, []
-    for name, fn in functions.items():
-        values = [v for v in fn(prompts, completions, **columns) if v is not None]
-        if values:
-            metrics[f"reward/{name}"] = statistics.fmean(values)
-            means.append(metrics[f"reward/{name}"])
-    if means:
-        metrics["reward/mean"] = statistics.fmean(means)
-    metrics["rollout/len_mean"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
-    return metrics
 
 
 def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], scores: list[TeacherScores] | None,

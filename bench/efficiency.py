@@ -1,0 +1,113 @@
+"""Token efficiency of self-distillation against GRPO on the toy world.
+
+Two runs of the real trainer (`selfdistill train`, one after the other, same machine, same seed):
+
+- self-distillation with the toy recipe's settings (configs/toy.yaml: reverse KL, top-k teacher
+  scored by a frozen-teacher engine, one rollout per prompt);
+- GRPO (`loss.mode=grpo`) with `--grpo-n` ≥ 4 rollouts per prompt and the same prompt budget:
+  the same prompts per step and the same number of steps, so it generates n× the completions.
+
+Both evaluate greedy held-out accuracy every `--eval-every` steps. The target is the best accuracy
+GRPO reaches within the budget; each method's cost is the number of completion tokens it generated
+before its first evaluation at or above the target. The last line is
+
+    efficiency: sd_tokens=… grpo_tokens=… ratio=…
+
+with ratio = grpo_tokens / sd_tokens (> 1: self-distillation needs fewer generated tokens). If
+self-distillation never reaches the target, sd_tokens is reported as `>N` (its whole spend) and
+the ratio as an upper bound `<…`. Generated tokens are what OPSD counts; the teacher's scoring
+pass (a prompt-only forward, no sampling) is not included, and wall-clock seconds are printed
+beside them for that reason.
+
+    python bench/efficiency.py                       # about 15-20 minutes on 2 shared cores
+    python bench/efficiency.py --steps 60 --eval-every 20 --prompts-per-step 32   # a quick look
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(name: str, out: Path, args, extra: list[str]) -> tuple[list[dict], float]:
+    toy = Path(args.toy)
+    overrides = [f"name={name}", f"output_dir={out}", f"model.path={toy / 'model'}",
+                 f"data.train={toy / 'data' / 'addition' / 'train.jsonl'}", f"data.eval={args.eval_file}",
+                 f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
+                 f"train.prompts_per_step={args.prompts_per_step}", "train.save_every=0", "log.samples_every=0",
+                 "log.tensorboard=false", f"learner.micro_batch={args.micro_batch}", *extra]
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
+                   check=True, cwd=ROOT, env=env)
+    seconds = time.perf_counter() - started
+    metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return metrics, seconds
+
+
+def accuracy_curve(metrics: list[dict], sequences_per_step: int) -> list[tuple[int, float, float]]:
+    """(step, cumulative generated completion tokens, eval accuracy) at every evaluation."""
+    curve, tokens = [], 0.0
+    for m in metrics:
+        tokens += m.get("rollout/len_mean", 0.0) * sequences_per_step
+        if "eval/addition/accuracy" in m:
+            curve.append((m["step"], tokens, m["eval/addition/accuracy"]))
+    return curve
+
+
+def tokens_to_reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    return next((tokens for _, tokens, accuracy in curve if accuracy >= target - 1e-9), None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", default=str(ROOT / ".cache" / "toyworld"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "efficiency"))
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--grpo-n", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=64)
+    parser.add_argument("--eval-size", type=int, default=400, help="held-out addition problems evaluated")
+    args = parser.parse_args()
+    if args.grpo_n < 4:
+        parser.error("--grpo-n must be at least 4")
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    eval_lines = (Path(args.toy) / "data" / "addition" / "eval.jsonl").read_text().splitlines()[:args.eval_size]
+    args.eval_file = out / "eval.jsonl"
+    args.eval_file.write_text("\n".join(eval_lines) + "\n")
+
+    sd, sd_seconds = run("sd", out, args, [])
+    grpo, grpo_seconds = run("grpo", out, args, ["loss.mode=grpo", f"rollout.n={args.grpo_n}"])
+    sd_curve = accuracy_curve(sd, args.prompts_per_step)
+    grpo_curve = accuracy_curve(grpo, args.prompts_per_step * args.grpo_n)
+
+    print(f"{'step':>5} {'sd tokens':>10} {'sd acc':>7} {'grpo tokens':>12} {'grpo acc':>9}")
+    for (step, sd_tokens, sd_acc), (_, grpo_tokens, grpo_acc) in zip(sd_curve, grpo_curve):
+        print(f"{step:>5} {sd_tokens:>10.0f} {sd_acc:>7.3f} {grpo_tokens:>12.0f} {grpo_acc:>9.3f}")
+    print(f"wall clock: sd {sd_seconds:.0f} s, grpo {grpo_seconds:.0f} s (each including engine and learner start-up)")
+    zero_variance = [m["rl/zero_variance_groups"] for m in grpo if "rl/zero_variance_groups" in m]
+    if zero_variance:
+        print(f"grpo: mean fraction of groups with zero reward variance {sum(zero_variance) / len(zero_variance):.3f}")
+
+    target = max(accuracy for _, _, accuracy in grpo_curve[1:]) if len(grpo_curve) > 1 else grpo_curve[0][2]
+    grpo_tokens = tokens_to_reach(grpo_curve, target)
+    sd_tokens = tokens_to_reach(sd_curve, target)
+    print(f"target: GRPO's best held-out accuracy {target:.3f} (start {grpo_curve[0][2]:.3f})")
+    if sd_tokens is None:
+        spent = sd_curve[-1][1]
+        print(f"efficiency: sd_tokens=>{spent:.0f} grpo_tokens={grpo_tokens:.0f} ratio=<{grpo_tokens / spent:.2f}")
+    elif sd_tokens == 0:  # the target is the starting accuracy: both reach it before generating anything
+        print(f"efficiency: sd_tokens=0 grpo_tokens={grpo_tokens:.0f} ratio=n/a")
+    else:
+        print(f"efficiency: sd_tokens={sd_tokens:.0f} grpo_tokens={grpo_tokens:.0f} ratio={grpo_tokens / sd_tokens:.2f}")
+
+
+if __name__ == "__main__":
+    main()
