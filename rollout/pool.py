@@ -40,5 +40,6 @@ class EnginePool:
                                     f"expected {expected_version}: a weight sync was lost")
         return rollouts
 
-    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int) -> list[TeacherScores]:
-        return self._map("score", sequences, completion_starts, topk=topk)
+    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
+              adapter: str | None = None) -> list[TeacherScores]:
+        return self._map("score", sequences, completion_starts, topk=topk, adapter=adapter)

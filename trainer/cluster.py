@@ -3,7 +3,9 @@
 
 Engines for the student always exist. A separate teacher engine exists when the engine scores with
 weights other than the student's (`teacher.scorer=engine` with `initial` or `ema` weights); a `live`
-teacher scores on the student engines themselves.
+teacher scores on the student engines themselves. With LoRA adapters synced alone
+(`model.lora.sync=adapter`) the student engines play every teacher on the base they keep: the base
+without an adapter (`initial`), a second adapter (`ema`), or the student's (`live`).
 """
 
 import logging
@@ -14,6 +16,7 @@ import ray
 
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool, shards
+from trainer.adapters import vllm_max_lora_rank
 from trainer.config import Config, config_to_dict
 from trainer.learner import Learner
 
@@ -53,10 +56,18 @@ def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     actors = [remote.remote(cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
                             seed=cfg.train.seed + i, max_logprobs=cfg.loss.topk,
                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                            tokenizer=cfg.model.tokenizer)
+                            tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
               for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # surface start-up errors here
     return EnginePool(name, actors)
+
+
+def engine_lora_rank(cfg: Config, name: str) -> int:
+    """vLLM's LoRA rank bound for engines that receive adapters (the student engines under
+    `model.lora.sync=adapter`); 0 = an engine without LoRA support."""
+    if cfg.model.lora.r and cfg.model.lora.sync == "adapter" and name == "student":
+        return vllm_max_lora_rank(cfg.model.lora.r)
+    return 0
 
 
 def _free_port() -> int:
@@ -93,8 +104,15 @@ class LearnerGroup:
         ray.wait(refs, num_returns=len(refs))
         return refs[0]
 
+    def export_adapter(self, which: str = "student") -> "ray.ObjectRef":
+        """An object-store reference to rank 0's LoRA adapter (the student's or the EMA teacher's)."""
+        return self.actors[0].export_adapter.remote(which)
+
     def save_pretrained(self, directory: str):
         ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])
+
+    def save_adapter(self, directory: str):
+        ray.get([actor.save_adapter.remote(directory) for actor in self.actors])
 
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

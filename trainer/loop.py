@@ -28,16 +28,51 @@ from trainer.steps import (encode_prompts, evaluate, reward_metrics, sample_reco
 logger = logging.getLogger(__name__)
 
 
+def adapter_sync(cfg: Config) -> bool:
+    """LoRA with the adapter alone synced: the engines keep the base and serve adapters on it."""
+    return cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter"
+
+
 def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine holds the teacher's weights when the engine scores with non-live weights."""
-    return cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
+    """A separate engine holds the teacher's weights when the engine scores with non-live weights,
+    unless the student engines can serve them as an adapter (or no adapter: the base)."""
+    return cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema") and not adapter_sync(cfg)
 
 
-def save_checkpoint(learners: LearnerGroup, run_dir: Path, step: int, version: int, sampler: PromptSampler,
+STUDENT_ADAPTER, TEACHER_ADAPTER = "student", "teacher"
+
+
+def engine_adapters(cfg: Config) -> tuple[str | None, str | None]:
+    """The vLLM adapter names the student and the teacher are served with (None = the engine's own
+    weights: the base under adapter sync, otherwise whatever was last synced)."""
+    if not adapter_sync(cfg):
+        return None, None
+    return STUDENT_ADAPTER, {"initial": None, "ema": TEACHER_ADAPTER, "live": STUDENT_ADAPTER}[cfg.teacher.weights]
+
+
+def sync_weights(cfg: Config, learners: LearnerGroup, transport: ObjectStoreTransport, students, teacher_engines,
+                 version: int, teacher_version: int) -> None:
+    """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it scores."""
+    if adapter_sync(cfg):
+        transport.sync(learners.export_adapter("student"), students.named, version, adapter=STUDENT_ADAPTER)
+        if cfg.teacher.weights == "ema" and cfg.teacher.scorer == "engine":
+            transport.sync(learners.export_adapter("teacher"), students.named, teacher_version, adapter=TEACHER_ADAPTER)
+        return
+    transport.sync(learners.export("student"), students.named, version)
+    if teacher_engines is not None and cfg.teacher.weights == "ema":
+        transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+
+
+def save_checkpoint(cfg: Config, learners: LearnerGroup, run_dir: Path, step: int, version: int, sampler: PromptSampler,
                     data_fingerprint: str) -> Path:
-    """checkpoints/step_N/{hf/, state.json}; `latest` names the newest and is replaced atomically."""
+    """checkpoints/step_N/{hf/, state.json}; `latest` names the newest and is replaced atomically.
+    With LoRA, `adapter/` holds the adapter in peft's format, and `hf/` the merged weights only
+    when `model.lora.save_merged` asks for them."""
     directory = run_dir / "checkpoints" / f"step_{step}"
-    learners.save_pretrained(str(directory / "hf"))
+    if cfg.model.lora.r:
+        learners.save_adapter(str(directory / "adapter"))
+    if not cfg.model.lora.r or cfg.model.lora.save_merged:
+        learners.save_pretrained(str(directory / "hf"))
     state = {"step": step, "policy_version": version, "sampler": sampler.state_dict(), "data_fingerprint": data_fingerprint}
     (directory / "state.json").write_text(json.dumps(state, indent=1))
     tmp = run_dir / "checkpoints" / "latest.tmp"
@@ -71,9 +106,11 @@ def train(cfg: Config) -> dict:
     sink = MetricsLogger(run_dir, cfg.log)
     version, teacher_version = 0, 0
     scoring_pool = teacher_engines or students
+    student_adapter, teacher_adapter = engine_adapters(cfg)
 
-    first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
-    first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True)
+    first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, adapter=student_adapter)
+    first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True,
+                      adapter=teacher_adapter)
     sink.log(0, first)
     logger.info("step 0: %s", _brief(first))
     last = first
@@ -82,37 +119,38 @@ def train(cfg: Config) -> dict:
         with timed(metrics, "step"):
             examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
             with timed(metrics, "generate"):
-                rollouts = sample_rollouts(students, examples, encoded_train, cfg, version)
+                rollouts = sample_rollouts(students, examples, encoded_train, cfg, version, adapter=student_adapter)
             metrics |= reward_metrics(reward_fns, examples, rollouts, tokenizer)
             with timed(metrics, "score"):
                 teacher_prompts = teacher_prompt_ids(rollouts, encoded_train)
                 scores = None
                 if cfg.teacher.scorer == "engine":
-                    scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
+                    scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk,
+                                              adapter=teacher_adapter)
             with timed(metrics, "train"):
                 total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
                 metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
             with timed(metrics, "sync"):
                 version += 1
-                transport.sync(learners.export("student"), students.named, version)
-                if teacher_engines is not None and cfg.teacher.weights == "ema":
-                    teacher_version += 1
-                    transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+                teacher_version += cfg.teacher.weights == "ema"
+                sync_weights(cfg, learners, transport, students, teacher_engines, version, teacher_version)
         metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
         if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
+            metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version,
+                                adapter=student_adapter)
             last = metrics
             logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            save_checkpoint(learners, run_dir, step, version, sampler, data_fingerprint)
+            save_checkpoint(cfg, learners, run_dir, step, version, sampler, data_fingerprint)
         sink.log(step, metrics)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
             with (run_dir / "samples.jsonl").open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
 
-    final = save_checkpoint(learners, run_dir, cfg.train.steps, version, sampler, data_fingerprint)
+    final = save_checkpoint(cfg, learners, run_dir, cfg.train.steps, version, sampler, data_fingerprint)
     sink.close()
-    summary = {"run_dir": str(run_dir), "checkpoint": str(final / "hf"), "steps": cfg.train.steps,
+    checkpoint = final / ("adapter" if cfg.model.lora.r and not cfg.model.lora.save_merged else "hf")
+    summary = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "steps": cfg.train.steps,
                "seconds": round(time.perf_counter() - started, 1),
                "start": {k: v for k, v in first.items() if k.startswith("eval/")},
                "end": {k: v for k, v in last.items() if k.startswith("eval/")}}

@@ -28,11 +28,11 @@ def encode_prompts(examples: list[Example], tokenizer, template: str) -> Encoded
 
 
 def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, cfg: Config,
-                    version: int) -> list[Rollout]:
+                    version: int, adapter: str | None = None) -> list[Rollout]:
     r = cfg.rollout
     return pool.generate([encoded.student[e.id] for e in examples], [e.id for e in examples],
                          expected_version=version, n=r.n, max_tokens=r.max_tokens, temperature=r.temperature,
-                         top_p=r.top_p, top_k=r.top_k)
+                         top_p=r.top_p, top_k=r.top_k, adapter=adapter)
 
 
 def teacher_prompt_ids(rollouts: list[Rollout], encoded: EncodedPrompts) -> list[list[int]]:
@@ -41,10 +41,11 @@ def teacher_prompt_ids(rollouts: list[Rollout], encoded: EncodedPrompts) -> list
 
 
 def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
-                     topk: int) -> list[TeacherScores]:
-    """The teacher's logprobs of the student's own completion tokens, after the teacher prompt."""
+                     topk: int, adapter: str | None = None) -> list[TeacherScores]:
+    """The teacher's logprobs of the student's own completion tokens, after the teacher prompt
+    (`adapter`: the vLLM LoRA adapter that plays the teacher, None = the engine's own weights)."""
     sequences = [p + r.completion_ids for p, r in zip(teacher_prompts, rollouts, strict=True)]
-    return pool.score(sequences, [len(p) for p in teacher_prompts], topk)
+    return pool.score(sequences, [len(p) for p in teacher_prompts], topk, adapter=adapter)
 
 
 def reward_metrics(functions: dict, examples: list[Example], rollouts: list[Rollout], tokenizer) -> dict[str, float]:
@@ -83,14 +84,15 @@ def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], 
 
 
 def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
-             version: int, teacher: bool = False) -> dict[str, float]:
+             version: int, teacher: bool = False, adapter: str | None = None) -> dict[str, float]:
     """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
     `eval/<task>/teacher_accuracy` with the teacher prompt."""
     if not examples:
         return {}
     ids = encoded.teacher if teacher else encoded.student
     rollouts = pool.generate([ids[e.id] for e in examples], [e.id for e in examples],
-                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
+                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0,
+                             adapter=adapter)
     completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     scores = answer_fn([e.prompt for e in examples], completions, answer=[e.answer for e in examples])
     per_task = defaultdict(list)
