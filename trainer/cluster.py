@@ -106,7 +106,9 @@ class LearnerGroup:
 
     def export_adapter(self, which: str = "student") -> "ray.ObjectRef":
         """An object-store reference to rank 0's LoRA adapter (the student's or the EMA teacher's)."""
-        return self.actors[0].export_adapter.remote(which)
+        refs = [actor.export_adapter.remote(which) for actor in self.actors]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
 
     def save_pretrained(self, directory: str):
         ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])

@@ -273,9 +273,6 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
     if sequences % cfg.learner.num:
         problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
                                         f"rank gets the same share, got {cfg.learner.num}"))
-    if cfg.model.lora.r and cfg.learner.zero_stage == 3:
-        problems.append(("learner.zero_stage", "LoRA trains under ZeRO-2: the adapters' gradients and optimizer state are "
-                                               "small, and ZeRO-3 would only add a gather of every frozen weight per forward"))
     if not cfg.model.lora.target_modules:
         problems.append(("model.lora.target_modules", "must name at least one module, or be [all-linear]"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):

@@ -286,9 +286,10 @@ class Learner:
         under ZeRO-3, because gathering is collective. With LoRA: the base plus the student's (or
         the EMA teacher's) adapter, merged."""
         if self.lora:
-            if self.rank != 0:
-                return None
-            return adapters.merged_state_dict(self.engine.module, self._adapter_name(which))
+            with self._gathered(self.engine.module.parameters()):
+                if self.rank != 0:
+                    return None
+                return adapters.merged_state_dict(self.engine.module, self._adapter_name(which))
         module = self.engine.module if which == "student" else self.teacher
         with self._gathered(module.parameters() if which == "student" else []):
             if self.rank != 0:
@@ -305,18 +306,22 @@ class Learner:
 
     @torch.no_grad()
     def export_adapter(self, which: str = "student") -> "adapters.AdapterPayload | None":
-        """The student's (or the EMA teacher's) LoRA adapter alone, on rank 0 (None elsewhere)."""
-        if self.rank != 0:
-            return None
-        return adapters.adapter_payload(self.engine.module, self._adapter_name(which))
+        """The student's (or the EMA teacher's) LoRA adapter alone, on rank 0 (None elsewhere); every
+        rank must call it under ZeRO-3."""
+        name = self._adapter_name(which)
+        with self._gathered(adapters.adapter_parameters(self.engine.module, name)):
+            if self.rank != 0:
+                return None
+            return adapters.adapter_payload(self.engine.module, name)
 
     def save_adapter(self, directory: str) -> None:
         """Writes the adapters in peft's format on rank 0: the student's in `directory`, an EMA
         teacher's in `directory/ema/` (peft's layout for a second adapter)."""
-        if self.rank != 0:
-            return
         names = [adapters.STUDENT] + ([adapters.EMA] if self.cfg.teacher.weights == "ema" else [])
-        self.engine.module.save_pretrained(directory, selected_adapters=names)
+        params = [p for name in names for p in adapters.adapter_parameters(self.engine.module, name)]
+        with self._gathered(params):
+            if self.rank == 0:
+                self.engine.module.save_pretrained(directory, selected_adapters=names)
 
     def save_pretrained(self, directory: str) -> None:
         """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0; with LoRA,
@@ -338,8 +343,8 @@ class Learner:
         the process's peak RSS."""
         import resource
 
-        def nbytes(tensors):
-            return sum(t.numel() * t.element_size() for t in tensors)
+        def nbytes(tensors):  # a ZeRO-3 partitioned parameter counts at its full size (ds_numel)
+            return sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in tensors)
         params = list(self.engine.module.parameters())
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         state = [t for entry in inner.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
