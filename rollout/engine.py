@@ -11,6 +11,8 @@ Logprob semantics are stated in `rollout.batch`.
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 
 import torch
@@ -35,11 +37,18 @@ class RolloutEngine:
 
     `max_logprobs` bounds the top-k the engine can score. `kv_cache_gib` sizes the KV cache
     explicitly: vLLM's CPU default takes most of the machine's free memory per engine.
+
+    With `max_lora_rank` > 0 the engine serves LoRA adapters (vLLM `enable_lora`) on its base
+    weights: `load_adapter` installs or replaces a named adapter, and `generate` / `score` take the
+    adapter's name, or None for the base itself. An adapter never loaded reads as the base, which is
+    what a fresh peft adapter (B = 0) is.
     """
+
+    MAX_ADAPTERS = 2  # the student's and an EMA teacher's
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: float = 0.5, tokenizer: str | None = None):
+                 kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _set_cpu_environment()
@@ -47,15 +56,19 @@ class RolloutEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_quiet_rotary_reload_warning)
         memory = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else \
             {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": self.MAX_ADAPTERS} \
+            if max_lora_rank else {}
         self.llm = LLM(model=model_path, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=not on_gpu, max_logprobs=max(max_logprobs, 1),
                        logprobs_mode="processed_logprobs",  # the sampling distribution; see rollout.batch
-                       **memory)
+                       **memory, **lora)
         self.policy_version = 0
+        self._adapters = {}  # name -> LoRARequest
+        self._adapter_dir = tempfile.mkdtemp(prefix="selfdistill-adapters-") if max_lora_rank else None
 
     def generate(self, prompt_ids: list[list[int]], example_ids: list[str], seeds: list[int] | None = None, *,
                  n: int = 1, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = -1) -> list[Rollout]:
+                 top_k: int = -1, adapter: str | None = None) -> list[Rollout]:
         """Samples `n` completions per prompt; returns them prompt by prompt, in order.
 
         With `seeds` (one per prompt) each prompt's samples depend only on its seed and the weights,
@@ -65,7 +78,8 @@ class RolloutEngine:
         common = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       logprobs=0, detokenize=False)
         params = SamplingParams(**common) if seeds is None else [SamplingParams(**common, seed=s) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False,
+                                    lora_request=self._adapters.get(adapter))
         rollouts = []
         for example_id, ids, output in zip(example_ids, prompt_ids, outputs, strict=True):
             for sample in output.outputs:
@@ -76,12 +90,14 @@ class RolloutEngine:
                     policy_version=self.policy_version, finish_reason=sample.finish_reason or "length"))
         return rollouts
 
-    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int) -> list[TeacherScores]:
+    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
+              adapter: str | None = None) -> list[TeacherScores]:
         """Teacher scores of `sequences[i][completion_starts[i]:]` given what precedes them, in one
         forward pass (vLLM `prompt_logprobs`), as token ids only: nothing is detokenized."""
         from vllm import SamplingParams, TokensPrompt
         params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
+                                    lora_request=self._adapters.get(adapter))
         return [_teacher_scores(output.prompt_logprobs, seq, start, topk)
                 for output, seq, start in zip(outputs, sequences, completion_starts, strict=True)]
 
@@ -91,6 +107,30 @@ class RolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(items), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.policy_version = version
+        return version
+
+    def load_adapter(self, payload, version: int, name: str = "student") -> int:
+        """Installs a LoRA adapter (a `trainer.adapters.AdapterPayload`) under `name`, replacing the
+        one of that name in place; the base weights stay as they are. vLLM loads adapters from
+        peft's on-disk format, so the payload is written to this engine's own scratch directory."""
+        from vllm.lora.request import LoRARequest
+        if self._adapter_dir is None:
+            raise RuntimeError("this engine was started without LoRA support (max_lora_rank=0)")
+        directory = os.path.join(self._adapter_dir, name)
+        staging = directory + ".new"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        payload.save(staging)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+        request = self._adapters.get(name) or LoRARequest(name, len(self._adapters) + 1, directory)
+        if len(self._adapters) >= self.MAX_ADAPTERS and name not in self._adapters:
+            raise RuntimeError(f"an engine holds at most {self.MAX_ADAPTERS} adapters, got a third: {name!r}")
+        self.llm.llm_engine.add_lora(LoRARequest(request.lora_name, request.lora_int_id, directory, load_inplace=True))
+        self._adapters[name] = request
+        self.llm.reset_prefix_cache()  # cached KV of this adapter was computed by its old weights
+        if name == "student":
+            self.policy_version = version
         return version
 
     def version(self) -> int:

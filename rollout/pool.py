@@ -47,5 +47,6 @@ class EnginePool:
         for actor in self.actors:
             ray.kill(actor)
 
-    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int) -> list[TeacherScores]:
-        return self._map("score", sequences, completion_starts, topk=topk)
+    def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
+              adapter: str | None = None) -> list[TeacherScores]:
+        return self._map("score", sequences, completion_starts, topk=topk, adapter=adapter)

@@ -133,3 +133,18 @@ def test_cli_reports_config_errors_with_exit_code_2():
     ok = subprocess.run([sys.executable, "-m", "trainer.cli", "config", str(TOY), "train.steps=7"],
                         capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and "steps: 7" in ok.stdout
+
+
+def test_lora_is_off_by_default_and_the_lora_recipe_loads():
+    assert load_config(TOY).model.lora.r == 0
+    cfg = load_config(ROOT / "configs" / "toy-lora.yaml")
+    assert cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter" and cfg.model.lora.target_modules == ["all-linear"]
+    assert load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.target_modules=[q_proj, v_proj]"]
+                       ).model.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_lora_refuses_empty_targets_and_unknown_sync():
+    with pytest.raises(ConfigError, match="model.lora.target_modules: must name at least one module"):
+        load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.target_modules=[]"])
+    with pytest.raises(ConfigError, match="model.lora.sync: 'merge' is not one of"):
+        load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.sync=merge"])

@@ -25,6 +25,9 @@ SIZES = {
     # 594k parameters; head_dim 32 because vLLM's CPU attention needs >= 32.
     "toy": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=384),
+    # 20.1M parameters, same family and tokenizer: for benchmarks (weight sync, throughput), randomly initialized.
+    "bench": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1664),
 }
 
 

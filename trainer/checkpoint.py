@@ -149,6 +149,9 @@ def summarize(run_dir: Path, checkpoint: Path | None, steps: int, started: float
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     evals = [{k: v for k, v in row.items() if k.startswith("eval/")} for row in rows]
     evals = [e for e in evals if e]
-    return {"run_dir": str(run_dir), "checkpoint": str(checkpoint / "hf") if checkpoint else None, "steps": steps,
+    model = None
+    if checkpoint:  # a LoRA run without a merged export has only its adapter
+        model = checkpoint / "hf" if (checkpoint / "hf").is_dir() else checkpoint / "adapter"
+    return {"run_dir": str(run_dir), "checkpoint": str(model) if model else None, "steps": steps,
             "stopped_by": stopped_by, "seconds": round(time.perf_counter() - started, 1),
             "start": evals[0] if evals else {}, "end": evals[-1] if evals else {}}

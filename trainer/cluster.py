@@ -3,7 +3,9 @@
 
 Engines for the student always exist. A separate teacher engine exists when the engine scores with
 weights other than the student's (`teacher.scorer=engine` with `initial` or `ema` weights); a `live`
-teacher scores on the student engines themselves.
+teacher scores on the student engines themselves. With LoRA adapters synced alone
+(`model.lora.sync=adapter`) the student engines play every teacher on the base they keep: the base
+without an adapter (`initial`), a second adapter (`ema`), or the student's (`live`).
 """
 
 import logging
@@ -14,6 +16,7 @@ import ray
 
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool, shards
+from trainer.adapters import vllm_max_lora_rank
 from trainer.config import Config, config_to_dict
 from trainer.learner import Learner
 
@@ -53,10 +56,18 @@ def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     actors = [remote.remote(cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
                             seed=cfg.train.seed + i, max_logprobs=cfg.loss.topk,
                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                            tokenizer=cfg.model.tokenizer)
+                            tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
               for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # surface start-up errors here
     return EnginePool(name, actors)
+
+
+def engine_lora_rank(cfg: Config, name: str) -> int:
+    """vLLM's LoRA rank bound for engines that receive adapters (the student engines under
+    `model.lora.sync=adapter`); 0 = an engine without LoRA support."""
+    if cfg.model.lora.r and cfg.model.lora.sync == "adapter" and name == "student":
+        return vllm_max_lora_rank(cfg.model.lora.r)
+    return 0
 
 
 def _free_port() -> int:
@@ -78,6 +89,7 @@ class LearnerGroup:
         remote = ray.remote(Learner).options(**_actor_options(gpu))
         address, port = ray.get(_rendezvous.remote())
         config = config_to_dict(cfg)
+        self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
         self.actors = [remote.remote(config, rank, cfg.learner.num, address, port) for rank in range(cfg.learner.num)]
         ray.get([a.ready.remote() for a in self.actors])
 
@@ -93,13 +105,26 @@ class LearnerGroup:
         ray.wait(refs, num_returns=len(refs))
         return refs[0]
 
+    def export_adapter(self, which: str = "student") -> "ray.ObjectRef":
+        """An object-store reference to rank 0's LoRA adapter (the student's or the EMA teacher's)."""
+        refs = [actor.export_adapter.remote(which) for actor in self.actors]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
     def save_pretrained(self, directory: str):
         ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])
 
+    def save_adapter(self, directory: str):
+        ray.get([actor.save_adapter.remote(directory) for actor in self.actors])
+
     def save(self, directory: str):
-        """A resumable checkpoint: `directory/engine/` (DeepSpeed states, RNG, EMA teacher) and `directory/hf/`."""
+        """A resumable checkpoint: `engine/` (DeepSpeed states, RNG, EMA teacher); with LoRA `adapter/`
+        (peft format); and `hf/` (save_pretrained; with LoRA only when `model.lora.save_merged`)."""
         ray.get([actor.save.remote(directory) for actor in self.actors])
-        self.save_pretrained(f"{directory}/hf")
+        if self.lora:
+            self.save_adapter(f"{directory}/adapter")
+        if not self.lora or self.save_merged:
+            self.save_pretrained(f"{directory}/hf")
 
     def load(self, directory: str):
         ray.get([actor.load.remote(directory) for actor in self.actors])

@@ -64,6 +64,22 @@ student's tokens as a capable solver rather than as a copier."""
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
+class LoraConfig:
+    r: NonNegative = 0
+    """LoRA rank; 0 = off (the learners train every weight). With r > 0 they train `peft` LoRA adapters on frozen base weights."""
+    alpha: Annotated[float, Range(gt=0)] = 16.0
+    """LoRA α: the adapter's update is scaled by α / r."""
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """Dropout on the adapter's input in the student's training forward; the teacher and the engines never use it."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names that get adapters (e.g. `[q_proj, v_proj]`), or `[all-linear]`: every linear layer but the output head."""
+    sync: Literal["adapter", "merged"] = "adapter"
+    """What reaches the engines after a step: the adapter alone (vLLM LoRA; the engines keep the base) or the merged weights."""
+    save_merged: bool = False
+    """Checkpoints also hold the merged weights in `save_pretrained` format (`hf/`), next to the adapter (`adapter/`)."""
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """Directory of a Hugging Face model saved with `save_pretrained` (config, weights, tokenizer). Required."""
@@ -73,6 +89,8 @@ class ModelConfig:
     """Weight and compute dtype of engines and learners: float32 on CPU, bfloat16 on GPUs."""
     max_model_len: Annotated[int, Range(ge=8)] | None = None
     """Longest prompt + completion, in tokens; null = the model's `max_position_embeddings`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (off by default)."""
 
 
 @dataclass
@@ -295,6 +313,8 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
                                         f"rank gets the same share, got {cfg.learner.num}"))
     problems += _objective_problems(cfg)
+    if not cfg.model.lora.target_modules:
+        problems.append(("model.lora.target_modules", "must name at least one module, or be [all-linear]"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
     return problems

@@ -35,7 +35,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = find_checkpoint(path) if path.is_dir() else None
     if found is None:
-        raise ConfigError(f"--from {path}: not a checkpoint (a step_N/ directory with hf/) nor a run directory with one")
+        raise ConfigError(f"--from {path}: not a checkpoint (a step_N/ directory with hf/) nor a run directory with one "
+                          "(a LoRA run writes hf/ with model.lora.save_merged=true)")
     return found
 
 

@@ -18,7 +18,7 @@ import os
 import torch
 
 from rollout.batch import Rollout, TeacherScores
-from trainer import losses
+from trainer import adapters, losses
 from trainer.config import Config, config_from_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,13 +100,18 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(cfg.train.seed)
         dtype = DTYPES[cfg.model.dtype]
+        self.lora = cfg.model.lora.r > 0
         # The teacher copy is a plain model, built before ZeRO-3 is configured so that it is not partitioned.
-        self.teacher = self._build_teacher(AutoModelForCausalLM, dtype)
+        # With LoRA there is no copy: the teacher is the same base with another adapter, or none.
+        self.teacher = None if self.lora else self._build_teacher(AutoModelForCausalLM, dtype)
         ds_config = deepspeed_config(cfg)
         # ZeRO-3 partitions weights while from_pretrained builds the model, if this object is alive then.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        if self.lora:
+            model = adapters.wrap(model, cfg.model.lora, ema=cfg.teacher.weights == "ema")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -151,7 +156,7 @@ class Learner:
             self.engine.step()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
-        if self.teacher is not None and self.cfg.teacher.weights == "ema":
+        if self.cfg.teacher.weights == "ema" and (self.teacher is not None or self.lora):
             self._update_ema()
         tokens = max(sums.pop("tokens", 0.0), 1.0)
         metrics = {key: value / tokens for key, value in sums.items()}
@@ -176,7 +181,8 @@ class Learner:
                                       skip_first=loss_cfg.mask_first_tokens)
         mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device).bool()
 
-        student_logits = completion_logits(self.engine, prompts, completions)
+        with self._student_dropout():
+            student_logits = completion_logits(self.engine, prompts, completions)
         if loss_cfg.mode in ("sft", "ssd"):  # plain cross-entropy on the given completions: no teacher, no rewards
             per_token = losses.token_cross_entropy(student_logits, tokens_T1[:, 0])
             with torch.no_grad():
@@ -200,8 +206,7 @@ class Learner:
         teacher_logits = None
         if self.cfg.teacher.scorer == "learner":
             with torch.no_grad():
-                model = self.teacher if self.teacher is not None else self.engine.module
-                teacher_logits = completion_logits(model, teacher_prompts, completions)
+                teacher_logits = self._teacher_logits(teacher_prompts, completions)
                 teacher_lse = losses.chunked_logsumexp(teacher_logits)
                 teacher_token_lp = losses.gather_logprobs(teacher_logits, tokens_T1, teacher_lse)[:, 0]
                 topk_ids = teacher_logits.topk(loss_cfg.topk, dim=-1).indices
@@ -235,6 +240,22 @@ class Learner:
             if rl_T is not None:
                 stats["rl/pg_loss"] = total(rl_T)
         return loss, stats
+
+    def _student_dropout(self):
+        """LoRA dropout, when configured, is on in the student's training forward only."""
+        if self.lora and self.cfg.model.lora.dropout > 0:
+            return adapters.adapter_dropout(self.engine.module, on=True)
+        return contextlib.nullcontext()
+
+    def _teacher_logits(self, teacher_prompts, completions) -> torch.Tensor:
+        """The teacher's completion logits, in eval mode (no dropout of any kind) and without gradient."""
+        if self.lora:
+            name = adapters.teacher_adapter(self.cfg.teacher.weights)
+            model = self.engine.module
+            forward = lambda **kw: model(**kw, adapter_names=[name] * kw["input_ids"].shape[0])  # noqa: E731
+            return completion_logits(_Forward(forward, model), teacher_prompts, completions)
+        return completion_logits(self.teacher if self.teacher is not None else self.engine.module,
+                                 teacher_prompts, completions)
 
     def _per_token_loss(self, student_logits, teacher_logits, student_token_lp, teacher_token_lp,
                         student_topk_lp, topk_lp, rollout_token_lp, engine_lp) -> torch.Tensor:
@@ -271,10 +292,18 @@ class Learner:
     def _update_ema(self):
         """φ ← (1−α)·φ + α·θ, after every optimizer step (SDFT)."""
         alpha = self.cfg.teacher.ema_alpha
-        masters = self._ema_master or list(self.teacher.parameters())
+        if self.lora:  # an EMA of the adapter only: the base is frozen and shared
+            module = self.engine.module
+            if getattr(self, "_ema_master", None) is None:
+                # fp32 masters, as below; the adapter is small, so always
+                self._ema_master = [p.detach().float().clone() for p in adapters.adapter_parameters(module, adapters.EMA)]
+            teacher, student = adapters.adapter_parameters(module, adapters.EMA), \
+                adapters.adapter_parameters(module, adapters.STUDENT)
+        else:
+            teacher, student = list(self.teacher.parameters()), list(self.engine.module.parameters())
+        masters = self._ema_master or teacher
         with self._gathered(self.engine.module.parameters()):
-            for master, phi, theta in zip(masters, self.teacher.parameters(), self.engine.module.parameters(),
-                                          strict=True):
+            for master, phi, theta in zip(masters, teacher, student, strict=True):
                 master.lerp_(theta.detach().to(master.dtype), alpha)
                 if master is not phi:
                     phi.copy_(master)
@@ -289,20 +318,54 @@ class Learner:
     @torch.no_grad()
     def export_weights(self, which: str = "student") -> dict[str, torch.Tensor] | None:
         """Full CPU weights by checkpoint name, on rank 0 (None elsewhere). Every rank must call it
-        under ZeRO-3, because gathering is collective."""
+        under ZeRO-3, because gathering is collective. With LoRA: the base plus the student's (or
+        the EMA teacher's) adapter, merged."""
+        if self.lora:
+            with self._gathered(self.engine.module.parameters()):
+                if self.rank != 0:
+                    return None
+                return adapters.merged_state_dict(self.engine.module, self._adapter_name(which))
         module = self.engine.module if which == "student" else self.teacher
         with self._gathered(module.parameters() if which == "student" else []):
             if self.rank != 0:
                 return None
             return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
 
+    def _adapter_name(self, which: str) -> str:
+        if which == "student":
+            return adapters.STUDENT
+        if self.cfg.teacher.weights != "ema":
+            raise ValueError(f"only an EMA teacher has weights of its own to export (teacher.weights="
+                             f"{self.cfg.teacher.weights!r})")
+        return adapters.EMA
+
+    @torch.no_grad()
+    def export_adapter(self, which: str = "student") -> "adapters.AdapterPayload | None":
+        """The student's (or the EMA teacher's) LoRA adapter alone, on rank 0 (None elsewhere); every
+        rank must call it under ZeRO-3."""
+        name = self._adapter_name(which)
+        with self._gathered(adapters.adapter_parameters(self.engine.module, name)):
+            if self.rank != 0:
+                return None
+            return adapters.adapter_payload(self.engine.module, name)
+
+    def save_adapter(self, directory: str) -> None:
+        """Writes the adapters in peft's format on rank 0: the student's in `directory`, an EMA
+        teacher's in `directory/ema/` (peft's layout for a second adapter)."""
+        names = [adapters.STUDENT] + ([adapters.EMA] if self.cfg.teacher.weights == "ema" else [])
+        params = [p for name in names for p in adapters.adapter_parameters(self.engine.module, name)]
+        with self._gathered(params):
+            if self.rank == 0:
+                self.engine.module.save_pretrained(directory, selected_adapters=names)
+
     def save_pretrained(self, directory: str) -> None:
-        """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0."""
+        """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0; with LoRA,
+        the base with the adapter merged in, under the base model's names."""
         weights = self.export_weights("student")
         if self.rank != 0:
             return
         from transformers import AutoTokenizer
-        module = self.engine.module
+        module = self.engine.module.get_base_model() if self.lora else self.engine.module
         module.save_pretrained(directory, state_dict=weights)
         AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path).save_pretrained(directory)
 
@@ -338,6 +401,22 @@ class Learner:
     def ready(self) -> int:
         return self.rank
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's memory: bytes of the model's parameters (all, and the trained ones), of a
+        teacher copy, of the optimizer's state (DeepSpeed's fp32 partitions and Adam's moments), and
+        the process's peak RSS."""
+        import resource
+
+        def nbytes(tensors):  # a ZeRO-3 partitioned parameter counts at its full size (ds_numel)
+            return sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in tensors)
+        params = list(self.engine.module.parameters())
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        state = [t for entry in inner.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+        fp32_partitions = getattr(self.optimizer, "single_partition_of_fp32_groups", [])
+        return {"parameters": nbytes(params), "trainable_parameters": nbytes(p for p in params if p.requires_grad),
+                "teacher_copy": nbytes(self.teacher.parameters()) if self.teacher is not None else 0,
+                "optimizer_state": nbytes(state) + nbytes(fp32_partitions),
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 def _rng_state() -> dict:
     import random
@@ -358,3 +437,17 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class _Forward:
+    """A model whose forward adds fixed keyword arguments (here peft's per-row `adapter_names`);
+    `completion_logits` reads its parameters for the device."""
+
+    def __init__(self, forward, model):
+        self._forward, self._model = forward, model
+
+    def __call__(self, **kwargs):
+        return self._forward(**kwargs)
+
+    def parameters(self):
+        return self._model.parameters()

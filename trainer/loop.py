@@ -25,14 +25,17 @@ from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_exampl
 from trainer.metrics import MetricsLogger, timed
 from trainer.objectives import collect_rollouts, prepare_batch, uses_teacher
 from trainer.preemption import StopRequests
-from trainer.steps import encode_prompts, evaluate, sample_records, score_on_engines
+from trainer.steps import (adapter_sync, encode_prompts, engine_adapters, evaluate, sample_records, score_on_engines,
+                           sync_weights)
 
 logger = logging.getLogger(__name__)
 
 
 def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine holds the teacher's weights when the engine scores with non-live weights."""
-    return uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
+    """A separate engine holds the teacher's weights when the engine scores with non-live weights,
+    unless the student engines can serve them as an adapter (or no adapter: the base)."""
+    return (uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
+            and not adapter_sync(cfg))
 
 
 def train(cfg: Config, resume: str = "auto") -> dict:
@@ -65,6 +68,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     learners = LearnerGroup(cfg)
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
     scoring_pool = teacher_engines or students
+    student_adapter, teacher_adapter = engine_adapters(cfg)
     version, teacher_version, done = 0, 0, 0
     try:
         if checkpoint:
@@ -72,13 +76,14 @@ def train(cfg: Config, resume: str = "auto") -> dict:
             learners.load(str(checkpoint))
             restore_sampler(sampler, state, data_fingerprint, run_dir, checkpoint)
             truncate_logs(run_dir, done)
-            transport.sync(learners.export("student"), students.named, version)  # before the first rollout
-            if teacher_engines is not None and cfg.teacher.weights == "ema":
-                transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+            # before the first rollout
+            sync_weights(cfg, learners, transport, students, teacher_engines, version, teacher_version)
         sink = MetricsLogger(run_dir, cfg.log, purge_step=done + 1 if checkpoint else None)
         if not checkpoint:
-            first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
-            first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True)
+            first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version,
+                             adapter=student_adapter)
+            first |= evaluate(scoring_pool, eval_set, encoded_eval, tokenizer, cfg, answer_match, version, teacher=True,
+                              adapter=teacher_adapter)
             sink.log(0, first)
             logger.info("step 0: %s", _brief(first))
 
@@ -96,27 +101,27 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                     examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
                     with timed(metrics, "generate"):
                         rollouts = collect_rollouts(cfg, students, frozen, examples, encoded_train, tokenizer,
-                                                    version, step)
+                                                    version, step, adapter=student_adapter)
                     batch = prepare_batch(cfg, reward_fns, examples, rollouts, encoded_train, tokenizer)
                     rollouts, teacher_prompts = batch.rollouts, batch.teacher_prompts
                     metrics |= batch.metrics
                     with timed(metrics, "score"):
                         scores = None
                         if uses_teacher(cfg) and cfg.teacher.scorer == "engine":
-                            scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk)
+                            scores = score_on_engines(scoring_pool, rollouts, teacher_prompts, cfg.loss.topk,
+                                                      adapter=teacher_adapter)
                     with timed(metrics, "train"):
                         total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
                         metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
                     with timed(metrics, "sync"):
                         version += 1
-                        transport.sync(learners.export("student"), students.named, version)
-                        if teacher_engines is not None and cfg.teacher.weights == "ema":
-                            teacher_version += 1
-                            transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+                        teacher_version += cfg.teacher.weights == "ema"
+                        sync_weights(cfg, learners, transport, students, teacher_engines, version, teacher_version)
                 done = step
                 metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                    metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
+                    metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version,
+                                        adapter=student_adapter)
                     logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
                 sink.log(step, metrics)
                 if cfg.log.samples_every and step % cfg.log.samples_every == 0:

@@ -38,14 +38,16 @@ def uses_rl(cfg: Config) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 def collect_rollouts(cfg: Config, students: EnginePool, frozen: EnginePool | None, examples: list[Example],
-                     encoded: EncodedPrompts, tokenizer, version: int, step: int) -> list[Rollout]:
-    """The completions this step trains on: the student's samples; the frozen starting model's (ssd,
-    at policy version 0 forever); or the demonstrations themselves (sft)."""
+                     encoded: EncodedPrompts, tokenizer, version: int, step: int,
+                     adapter: str | None = None) -> list[Rollout]:
+    """The completions this step trains on: the student's samples (served as `adapter` under LoRA
+    adapter sync); the frozen starting model's (ssd, at policy version 0 forever); or the
+    demonstrations themselves (sft)."""
     if cfg.loss.mode == "sft":
         return demonstration_rollouts(examples, encoded, tokenizer, cfg.loss.sft_target, version)
     if cfg.loss.mode == "ssd":
         return sample_rollouts(frozen, examples, encoded, cfg, 0, step)
-    return sample_rollouts(students, examples, encoded, cfg, version, step)
+    return sample_rollouts(students, examples, encoded, cfg, version, step, adapter=adapter)
 
 
 def sft_target_ids(example: Example, tokenizer, target: str) -> list[int]:

@@ -36,18 +36,20 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
 
 
 def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, cfg: Config,
-                    version: int, step: int) -> list[Rollout]:
+                    version: int, step: int, adapter: str | None = None) -> list[Rollout]:
     r = cfg.rollout
     return pool.generate([encoded.student[e.id] for e in examples], [e.id for e in examples],
                          expected_version=version, seeds=[rollout_seed(cfg.train.seed, step, i) for i in range(len(examples))],
-                         n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+                         n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                         adapter=adapter)
 
 
 def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
-                     topk: int) -> list[TeacherScores]:
-    """The teacher's logprobs of the student's own completion tokens, after the teacher prompt."""
+                     topk: int, adapter: str | None = None) -> list[TeacherScores]:
+    """The teacher's logprobs of the student's own completion tokens, after the teacher prompt
+    (`adapter`: the vLLM LoRA adapter that plays the teacher, None = the engine's own weights)."""
     sequences = [p + r.completion_ids for p, r in zip(teacher_prompts, rollouts, strict=True)]
-    return pool.score(sequences, [len(p) for p in teacher_prompts], topk)
+    return pool.score(sequences, [len(p) for p in teacher_prompts], topk, adapter=adapter)
 
 
 def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], scores: list[TeacherScores] | None,
@@ -67,14 +69,15 @@ def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], 
 
 
 def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
-             version: int, teacher: bool = False) -> dict[str, float]:
+             version: int, teacher: bool = False, adapter: str | None = None) -> dict[str, float]:
     """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
     `eval/<task>/teacher_accuracy` with the teacher prompt."""
     if not examples:
         return {}
     ids = encoded.teacher if teacher else encoded.student
     rollouts = pool.generate([ids[e.id] for e in examples], [e.id for e in examples],
-                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
+                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0,
+                             adapter=adapter)
     completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     scores = answer_fn([e.prompt for e in examples], completions, answer=[e.answer for e in examples])
     per_task = defaultdict(list)
@@ -83,3 +86,32 @@ def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts,
             per_task[example.task].append(score)
     name = "teacher_accuracy" if teacher else "accuracy"
     return {f"eval/{task}/{name}": statistics.fmean(values) for task, values in per_task.items()}
+
+
+def adapter_sync(cfg: Config) -> bool:
+    """LoRA with the adapter alone synced: the engines keep the base and serve adapters on it."""
+    return cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter"
+
+
+STUDENT_ADAPTER, TEACHER_ADAPTER = "student", "teacher"
+
+
+def engine_adapters(cfg: Config) -> tuple[str | None, str | None]:
+    """The vLLM adapter names the student and the teacher are served with (None = the engine's own
+    weights: the base under adapter sync, otherwise whatever was last synced)."""
+    if not adapter_sync(cfg):
+        return None, None
+    return STUDENT_ADAPTER, {"initial": None, "ema": TEACHER_ADAPTER, "live": STUDENT_ADAPTER}[cfg.teacher.weights]
+
+
+def sync_weights(cfg: Config, learners, transport, students: EnginePool, teacher_engines: EnginePool | None,
+                 version: int, teacher_version: int) -> None:
+    """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it scores."""
+    if adapter_sync(cfg):
+        transport.sync(learners.export_adapter("student"), students.named, version, adapter=STUDENT_ADAPTER)
+        if cfg.teacher.weights == "ema" and cfg.teacher.scorer == "engine":
+            transport.sync(learners.export_adapter("teacher"), students.named, teacher_version, adapter=TEACHER_ADAPTER)
+        return
+    transport.sync(learners.export("student"), students.named, version)
+    if teacher_engines is not None and cfg.teacher.weights == "ema":
+        transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
