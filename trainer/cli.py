@@ -3,6 +3,7 @@
   selfdistill train CONFIG [a.b=value ...]     run on-policy self-distillation
   selfdistill config CONFIG [a.b=value ...]    validate a config and print it resolved
   selfdistill config --reference               every option, its type, default and meaning
+  selfdistill report RUN_DIR [RUN_DIR ...]     plots and sample rollouts of one run, or several overlaid
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
 """
 
@@ -47,6 +48,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from trainer.report import FIGURES, write_report
+    out = write_report(args.run_dirs, args.out)
+    print(f"report: {out}/ ({', '.join(FIGURES)}, samples.html)")
+    return 0
+
+
 def _toy_prepare(args: argparse.Namespace) -> int:
     from toyworld.base import PretrainSettings
     from toyworld.prepare import prepare, summary
@@ -73,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     train.set_defaults(run=_train)
+
+    report = commands.add_parser("report", help="plots and sample rollouts of one run, or several overlaid")
+    report.add_argument("run_dirs", nargs="+", help="run directories (runs/<name>)")
+    report.add_argument("--out", default=None,
+                        help="report directory (default: RUN_DIR/report for one run, report-compare/ for several)")
+    report.set_defaults(run=_report)
 
     toy = commands.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     prep = toy.add_parser("prepare", help="write seeded tasks and pretrain the tiny base model")

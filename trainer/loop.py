@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 import rewards
 from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
-from trainer.cluster import LearnerGroup, build_engines, start_ray
+from trainer.cluster import LearnerGroup, build_engines, placement_report, start_ray
 from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_examples
 from trainer.errors import ConfigError
@@ -67,8 +67,9 @@ def train(cfg: Config) -> dict:
     students = build_engines(cfg, cfg.rollout.engines, "student")
     teacher_engines = build_engines(cfg, 1, "teacher") if needs_teacher_engine(cfg) else None
     learners = LearnerGroup(cfg)
+    (run_dir / "placement.json").write_text(json.dumps(placement_report(cfg, students, teacher_engines, learners), indent=1))
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
-    sink = MetricsLogger(run_dir, cfg.log)
+    sink = MetricsLogger(run_dir, cfg)
     version, teacher_version = 0, 0
     scoring_pool = teacher_engines or students
 
@@ -108,7 +109,7 @@ def train(cfg: Config) -> dict:
         sink.log(step, metrics)
         if cfg.log.samples_every and step % cfg.log.samples_every == 0:
             with (run_dir / "samples.jsonl").open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
+                f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer, reward_fns))
 
     final = save_checkpoint(learners, run_dir, cfg.train.steps, version, sampler, data_fingerprint)
     sink.close()
