@@ -66,7 +66,9 @@ def _flags(ports: dict[str, int]) -> list[str]:
 
 
 def up(temp_dir: Path, base: int, dashboard_port: int, head_cpus: int, worker_cpus: int, python: str) -> dict:
-    """Starts the head and the second node; returns what `down` and a client need."""
+    """Starts the head and the second node; returns what `down` and a client need. Each node has
+    its own temp dir under `temp_dir`: sharing one, each node's log monitor would also forward the
+    other's actor logs, and every actor line would reach the driver twice."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     env = node_environment(python)
     subprocess.run([str(Path(python).parent / "ray"), "get-auth-token", "--generate"], env=env, check=True,
@@ -74,9 +76,10 @@ def up(temp_dir: Path, base: int, dashboard_port: int, head_cpus: int, worker_cp
     try:
         _ray(python, ["--head", "--node-ip-address", HEAD_IP, "--port", str(base), "--ray-client-server-port",
                       str(base + 1), "--dashboard-host", DASHBOARD_HOST, "--dashboard-port", str(dashboard_port),
-                      "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir), *_flags(node_ports(base, 0))], env)
+                      "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir / "head"),
+                      *_flags(node_ports(base, 0))], env)
         _ray(python, ["--address", f"{HEAD_IP}:{base}", "--node-ip-address", WORKER_IP, "--num-cpus", str(worker_cpus),
-                      "--temp-dir", str(temp_dir), *_flags(node_ports(base, 1))], env)
+                      "--temp-dir", str(temp_dir / "node2"), *_flags(node_ports(base, 1))], env)
     except BaseException:
         down(temp_dir)
         raise

@@ -134,7 +134,7 @@ def test_ray_job_submit_trains_with_learners_spread_over_both_nodes(cluster, toy
             f"data.eval={small_eval}", "train.steps=3", "train.prompts_per_step=16", "learner.micro_batch=8",
             "train.eval_every=0", "log.samples_every=2", "learner.num=2", "ray.placement=spread")
     status = wait_for_job(address, job_id)
-    logs = ray_job("logs", "--address", address, job_id)
+    logs = ray_job("logs", "--address", address, "--log-color", "false", job_id)
     assert status == "SUCCEEDED", logs[-5000:]
 
     run_dir = tmp_path / "cluster"

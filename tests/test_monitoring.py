@@ -163,3 +163,16 @@ def test_report_plots_the_values_of_metrics_jsonl_and_overlays_runs(tmp_path):
     page = (out / "samples.html").read_text()
     assert "teacher − student -1.900" in page and "Q:1+2=" in page  # the second token: -2.0 - (-0.1)
     assert "<h2>forward</h2>" in page and "No samples.jsonl" in page
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Terminal()
+    progress = Progress(10, stream)
+    progress.log(0, {"eval/addition/accuracy": 0.2})
+    for step in range(1, 11):
+        progress.log(step, {"reward/mean": 0.5})
+    progress.close()
+    assert "\r" in stream.getvalue() and "10/10" in stream.getvalue() and "reward 0.5" in stream.getvalue()

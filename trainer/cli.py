@@ -10,6 +10,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from trainer.errors import SelfDistillError
@@ -98,7 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plain_logs_when_not_a_terminal():
+    """In `ray job logs` or a file, the actors' lines that Ray forwards to the driver come without
+    ANSI colour codes: no coloured prefixes, and no deduplication (whose "[repeated Nx]" note is
+    always coloured). Ray reads these when it is imported, so this runs first."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    plain_logs_when_not_a_terminal()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:

@@ -12,7 +12,6 @@ bundle per actor, packed onto as few nodes as possible or spread across nodes (`
 import logging
 import os
 import socket
-import sys
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
@@ -37,8 +36,6 @@ def start_ray(cfg: Config):
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not sys.stderr.isatty():  # `ray job logs`, a file: no ANSI colour codes around the actors' log prefixes
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False if address == "local" else None,
              logging_level=logging.WARNING, log_to_driver=True)

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed (and none on a cluster node)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from trainer.errors import SelfDistillError  # noqa: E402
 
@@ -90,6 +90,7 @@ def _finish(ax, title: str, ylabel: str, xlabel: str = "step"):
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
