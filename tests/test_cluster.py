@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def test_dashboard_and_jobs_api_listen_on_loopback_only(cluster):
     listening = [c.laddr for p in cluster_script.cluster_processes(Path(cluster["temp_dir"]))
                  for c in _listening(p) if c.laddr.port == port]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}, listening
-    with urllib.request.urlopen(f"{cluster['dashboard']}/api/version", timeout=30) as response:
-        assert response.status == 200  # the Jobs API answers on loopback
+    url = f"{cluster['dashboard']}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=30)  # token authentication: no token, no Jobs API
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {auth_token()}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200  # with the token, the Jobs API answers on loopback
     others = {"127.0.0.2", "127.0.0.3"} | {a.address for addresses in psutil.net_if_addrs().values()
                                            for a in addresses if a.family == socket.AF_INET and
                                            not a.address.startswith("127.")}
@@ -114,14 +119,19 @@ def ray_job(*args: str, timeout: float = 120) -> str:
     return result.stdout + result.stderr
 
 
-def wait_for_job(address: str, job_id: str) -> str:
+def auth_token() -> str:
+    return (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+
+def wait_for_job(client, job_id: str) -> str:
+    """Polls in this process (a `ray job status` process per poll costs seconds of CPU)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        status = re.search(r"Status for job '[^']+': (\w+)", ray_job("status", "--address", address, job_id))
-        if status and status.group(1) in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status.group(1)
-        time.sleep(5)
-    ray_job("stop", "--address", address, job_id)
+        status = str(client.get_job_status(job_id))
+        if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
+            return status.rsplit(".", 1)[-1]
+        time.sleep(10)
+    client.stop_job(job_id)
     return "TIMEOUT"
 
 
@@ -133,8 +143,10 @@ def test_ray_job_submit_trains_with_learners_spread_over_both_nodes(cluster, toy
             f"model.path={toy_world / 'model'}", f"data.train={toy_world / 'data' / 'addition' / 'train.jsonl'}",
             f"data.eval={small_eval}", "train.steps=3", "train.prompts_per_step=16", "learner.micro_batch=8",
             "train.eval_every=0", "log.samples_every=2", "learner.num=2", "ray.placement=spread")
-    status = wait_for_job(address, job_id)
-    logs = ray_job("logs", "--address", address, "--log-color", "false", job_id)
+    from ray.job_submission import JobSubmissionClient
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {auth_token()}"})
+    status = wait_for_job(client, job_id)
+    logs = client.get_job_logs(job_id)  # what `ray job logs` prints, without the command's own decoration
     assert status == "SUCCEEDED", logs[-5000:]
 
     run_dir = tmp_path / "cluster"

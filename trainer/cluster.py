@@ -25,6 +25,9 @@ from trainer.learner import Learner
 
 logger = logging.getLogger(__name__)
 
+# An actor never writes to a terminal: a progress bar (model loading, `save_pretrained`) would reach
+# the driver's log as carriage-return noise.
+ACTOR_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                   "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
@@ -74,8 +77,7 @@ def _actor_options(gpu: bool, group: PlacementGroup, index: int, env: dict | Non
     resources = actor_resources(gpu)
     options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0),
                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
+    options["runtime_env"] = {"env_vars": ACTOR_ENV | (env or {})}
     return options
 
 
