@@ -93,10 +93,12 @@ def cluster_processes(temp_dir: Path) -> list[psutil.Process]:
     """The processes whose command line names `temp_dir`, and all their descendants (the workers
     rename themselves `ray::...` and no longer name it)."""
     marker = str(temp_dir)
+    me = psutil.Process()
+    ours = {me.pid} | {p.pid for p in me.parents()}  # this command and whatever started it (a shell, make)
     roots = []
     for process in psutil.process_iter(["cmdline"]):
         parts = process.info["cmdline"] or []
-        if process.pid != os.getpid() and any(p.endswith(marker) or marker + os.sep in p for p in parts):
+        if process.pid not in ours and any(p.endswith(marker) or marker + os.sep in p for p in parts):
             roots.append(process)
     found = {p.pid: p for p in roots}
     for root in roots:
