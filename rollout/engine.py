@@ -61,6 +61,7 @@ class RolloutEngine:
         self.llm = LLM(model=model_path, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=not on_gpu, max_logprobs=max(max_logprobs, 1),
                        logprobs_mode="processed_logprobs",  # the sampling distribution; see rollout.batch
+                       use_tqdm_on_load=False,  # a redrawn bar is carriage-return noise in the driver's log
                        **memory, **lora)
         self.policy_version = 0
         self._adapters = {}  # name -> LoRARequest

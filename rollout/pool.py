@@ -18,8 +18,8 @@ def shards(count: int, parts: int) -> list[slice]:
 
 
 class EnginePool:
-    def __init__(self, name: str, actors: list):
-        self.name, self.actors = name, actors
+    def __init__(self, name: str, actors: list, placement_group=None):
+        self.name, self.actors, self.placement_group = name, actors, placement_group
 
     @property
     def named(self) -> dict[str, object]:
@@ -44,8 +44,11 @@ class EnginePool:
         return rollouts
 
     def close(self):
+        """Frees the actors and their placement group (a stage sequence starts new ones)."""
         for actor in self.actors:
             ray.kill(actor)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
 
     def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
               adapter: str | None = None) -> list[TeacherScores]:

@@ -4,12 +4,14 @@
   selfdistill adapt --from CKPT --data NEW     a new stage from a checkpoint, with forgetting measured
   selfdistill config CONFIG [a.b=value ...]    validate a config and print it resolved
   selfdistill config --reference               every option, its type, default and meaning
+  selfdistill report RUN_DIR [RUN_DIR ...]     plots and sample rollouts of one run, or several overlaid
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
 """
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from trainer.errors import SelfDistillError
@@ -66,6 +68,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from trainer.report import FIGURES, write_report
+    out = write_report(args.run_dirs, args.out)
+    print(f"report: {out}/ ({', '.join(FIGURES)}, samples.html)")
+    return 0
+
+
 def _toy_prepare(args: argparse.Namespace) -> int:
     from toyworld.base import PretrainSettings
     from toyworld.prepare import prepare, summary
@@ -108,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 name=stage2")
     adapt.set_defaults(run=_adapt)
 
+    report = commands.add_parser("report", help="plots and sample rollouts of one run, or several overlaid")
+    report.add_argument("run_dirs", nargs="+", help="run directories (runs/<name>)")
+    report.add_argument("--out", default=None,
+                        help="report directory (default: RUN_DIR/report for one run, report-compare/ for several)")
+    report.set_defaults(run=_report)
+
     toy = commands.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     prep = toy.add_parser("prepare", help="write seeded tasks and pretrain the tiny base model")
     prep.add_argument("--out", required=True, help="output directory")
@@ -118,7 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plain_logs_when_not_a_terminal():
+    """In `ray job logs` or a file, the actors' lines that Ray forwards to the driver come without
+    ANSI colour codes: no coloured prefixes, and no deduplication (whose "[repeated Nx]" note is
+    always coloured). Ray reads these when it is imported, so this runs first."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    plain_logs_when_not_a_terminal()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:

@@ -6,6 +6,9 @@ weights other than the student's (`teacher.scorer=engine` with `initial` or `ema
 teacher scores on the student engines themselves. With LoRA adapters synced alone
 (`model.lora.sync=adapter`) the student engines play every teacher on the base they keep: the base
 without an adapter (`initial`), a second adapter (`ema`), or the student's (`live`).
+
+Each group of actors (student engines, teacher engine, learners) gets one placement group, one
+bundle per actor, packed onto as few nodes as possible or spread across nodes (`ray.placement`).
 """
 
 import logging
@@ -13,13 +16,21 @@ import os
 import socket
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool, shards
 from trainer.adapters import vllm_max_lora_rank
 from trainer.config import Config, config_to_dict
+from trainer.errors import SelfDistillError
 from trainer.learner import Learner
 
+logger = logging.getLogger(__name__)
+
+# An actor never writes to a terminal: a progress bar (model loading, `save_pretrained`) would reach
+# the driver's log as carriage-return noise.
+ACTOR_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                   "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
@@ -40,26 +51,51 @@ def _has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _actor_options(gpu: bool, env: dict | None = None) -> dict:
-    # On CPU the actors share the machine's cores (they are scheduled, not reserved): a 2-core
-    # laptop runs engines and learners side by side. On GPUs each actor owns one device.
-    options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 0}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
+# On CPU the actors share the machine's cores: a 2-core laptop runs engines and learners side by
+# side. Ray refuses placement-group bundles whose resources are all zero, so a CPU actor reserves a
+# token share of a core. On GPUs each actor owns one device and one core.
+CPU_ACTOR_SHARE = 0.01
+STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+
+
+def actor_resources(gpu: bool) -> dict[str, float]:
+    """One actor's bundle, which is also what the actor asks for."""
+    return {"GPU": 1, "CPU": 1} if gpu else {"CPU": CPU_ACTOR_SHARE}
+
+
+def place(cfg: Config, count: int, gpu: bool, name: str) -> PlacementGroup:
+    """A placement group of `count` one-actor bundles, or an error saying what did not fit."""
+    bundle = actor_resources(gpu)
+    group = placement_group([bundle] * count, strategy=STRATEGIES[cfg.ray.placement], name=name)
+    if not group.wait(timeout_seconds=cfg.ray.placement_timeout_s):
+        ray.util.remove_placement_group(group)
+        raise SelfDistillError(
+            f"{name}: no room for {count} actors of {bundle} each ({cfg.ray.placement}) after "
+            f"{cfg.ray.placement_timeout_s:.0f} s (ray.placement_timeout_s); the cluster has "
+            f"{ray.cluster_resources()}, of which {ray.available_resources()} are free")
+    return group
+
+
+def _actor_options(gpu: bool, group: PlacementGroup, index: int, env: dict | None = None) -> dict:
+    resources = actor_resources(gpu)
+    options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0),
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
+    options["runtime_env"] = {"env_vars": ACTOR_ENV | (env or {})}
     return options
 
 
 def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     gpu = _has_gpus()
-    remote = ray.remote(RolloutEngine).options(**_actor_options(gpu, None if gpu else CPU_ENGINE_ENV))
+    group = place(cfg, count, gpu, f"{name}-engines")
+    remote = ray.remote(RolloutEngine)
     max_len = cfg.model.max_model_len
-    actors = [remote.remote(cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len,
-                            seed=cfg.train.seed + i, max_logprobs=cfg.loss.topk,
-                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                            tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
+    actors = [remote.options(**_actor_options(gpu, group, i, None if gpu else CPU_ENGINE_ENV)).remote(
+                  cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
+                  max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                  tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
               for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # surface start-up errors here
-    return EnginePool(name, actors)
+    return EnginePool(name, actors, placement_group=group)
 
 
 def engine_lora_rank(cfg: Config, name: str) -> int:
@@ -86,11 +122,15 @@ class LearnerGroup:
 
     def __init__(self, cfg: Config):
         gpu = _has_gpus()
-        remote = ray.remote(Learner).options(**_actor_options(gpu))
-        address, port = ray.get(_rendezvous.remote())
+        self.group = group = place(cfg, cfg.learner.num, gpu, "learners")
+        # The process group's address is rank 0's node: the rendezvous runs in rank 0's bundle.
+        address, port = ray.get(_rendezvous.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0)).remote())
         config = config_to_dict(cfg)
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
-        self.actors = [remote.remote(config, rank, cfg.learner.num, address, port) for rank in range(cfg.learner.num)]
+        self.actors = [ray.remote(Learner).options(**_actor_options(gpu, group, rank)).remote(
+                           config, rank, cfg.learner.num, address, port)
+                       for rank in range(cfg.learner.num)]
         ray.get([a.ready.remote() for a in self.actors])
 
     def train_step(self, rollouts, teacher_prompts, scores, total_tokens: int) -> dict[str, float]:
@@ -130,8 +170,25 @@ class LearnerGroup:
         ray.get([actor.load.remote(directory) for actor in self.actors])
 
     def close(self):
+        """Frees the actors and their placement group (a stage sequence starts new ones)."""
         for actor in self.actors:
             ray.kill(actor)
+        ray.util.remove_placement_group(self.group)
+
+
+def placement_report(cfg: Config, students: EnginePool, teachers: EnginePool | None, learners: LearnerGroup) -> dict:
+    """Where each actor really runs, asked of the actors themselves (not the placement plan):
+    {"strategy", "student_engines": [{"node_ip", "node_id"}, ...], "teacher_engines", "learners"} by rank."""
+    groups = {"student_engines": students.actors, "teacher_engines": teachers.actors if teachers else [],
+              "learners": learners.actors}
+    ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+    report = {"strategy": cfg.ray.placement}
+    for name, actors in groups.items():
+        node_ids = ray.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in actors])
+        report[name] = [{"node_ip": ips.get(node_id, "?"), "node_id": node_id} for node_id in node_ids]
+        if actors:
+            logger.info("%s on %s", name.replace("_", " "), ", ".join(entry["node_ip"] for entry in report[name]))
+    return report
 
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -224,13 +224,21 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to `runs/<name>/tb/`."""
     samples_every: NonNegative = 25
-    """Append a few rollouts (prompt, completion, reward, teacher logprob) to `samples.jsonl` every N steps; 0 = never."""
+    """Append a few rollouts (prompt, completion, reward, per-token student and teacher logprobs) to `samples.jsonl` every N steps; 0 = never."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package; `WANDB_MODE=offline` writes `runs/<name>/wandb/` only)."""
+    wandb_project: str = "selfdistill"
+    """W&B project; the W&B run is named after `name`."""
 
 
 @dataclass
 class RayConfig:
     address: str | None = None
-    """Ray cluster to join (`auto` or `host:port`); null = start a local Ray."""
+    """Ray cluster to join (`auto` or `host:port`); null = the job's cluster under `ray job submit`, else a local Ray."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Placement groups of engines and learners: `pack` them onto as few nodes as possible, or `spread` each group across nodes."""
+    placement_timeout_s: Annotated[float, Range(gt=0)] = 600.0
+    """Seconds to wait for the cluster to have room for a placement group before the run stops with an error."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import rewards
 from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
 from trainer.checkpoint import read_state, resolve_resume, restore_sampler, save_checkpoint, summarize, truncate_logs
-from trainer.cluster import LearnerGroup, build_engines, start_ray
+from trainer.cluster import LearnerGroup, build_engines, placement_report, start_ray
 from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_examples
 from trainer.metrics import MetricsLogger, timed
@@ -66,6 +66,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     frozen = build_engines(cfg, cfg.rollout.engines, "frozen") if ssd else None
     teacher_engines = build_engines(cfg, 1, "teacher") if needs_teacher_engine(cfg) else None
     learners = LearnerGroup(cfg)
+    (run_dir / "placement.json").write_text(json.dumps(placement_report(cfg, students, teacher_engines, learners), indent=1))
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
     scoring_pool = teacher_engines or students
     student_adapter, teacher_adapter = engine_adapters(cfg)
@@ -78,7 +79,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
             truncate_logs(run_dir, done)
             # before the first rollout
             sync_weights(cfg, learners, transport, students, teacher_engines, version, teacher_version)
-        sink = MetricsLogger(run_dir, cfg.log, purge_step=done + 1 if checkpoint else None)
+        sink = MetricsLogger(run_dir, cfg, resumed_at=done if checkpoint else None)
         if not checkpoint:
             first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version,
                              adapter=student_adapter)
@@ -126,7 +127,8 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                 sink.log(step, metrics)
                 if cfg.log.samples_every and step % cfg.log.samples_every == 0:
                     with (run_dir / "samples.jsonl").open("a") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer))
+                        f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer,
+                                                                                  reward_fns))
                 if stop.requested:
                     logger.warning("%s received: stopping after step %d with a checkpoint", stop.signal_name, step)
                     break

@@ -1,4 +1,6 @@
-"""Metric sinks and phase timers. Phases return metric dicts; the loop logs them once per step."""
+"""Metric sinks and phase timers. Phases return metric dicts; the loop logs them once per step,
+and `MetricsLogger` hands them to every sink: `metrics.jsonl`, TensorBoard, Weights & Biases and
+the progress display."""
 
 import json
 import logging
@@ -7,7 +9,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.config import LogConfig
+from trainer.config import Config, config_to_dict
+from trainer.errors import ConfigError
+from trainer.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -20,29 +24,64 @@ def timed(metrics: dict[str, float], phase: str):
     metrics[f"time/{phase}"] = time.perf_counter() - started
 
 
-class MetricsLogger:
-    """Writes `metrics.jsonl` (one line per step) and, when enabled, TensorBoard event files."""
+class TensorBoardSink:
+    def __init__(self, directory: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(directory), purge_step=purge_step)
 
-    def __init__(self, run_dir: Path, cfg: LogConfig, purge_step: int | None = None):
-        """`purge_step`: a resumed run's first step; TensorBoard drops the events the run logged from
-        there on before it was interrupted, as `metrics.jsonl` does (`trainer.checkpoint.truncate_logs`)."""
+    def log(self, step: int, metrics: dict[str, float]):
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a run watched live, or stopped, still has its curves on disk
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run named after the config's `name`, with the resolved config attached.
+    Its local files go to `<run_dir>/wandb/`; `WANDB_MODE=offline` keeps it off the network."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("log.wandb: true needs the wandb package (pip install wandb), "
+                              "or set log.wandb=false") from e
+        self.run = wandb.init(project=cfg.log.wandb_project, name=cfg.name, dir=str(run_dir),
+                              config=config_to_dict(cfg))
+
+    def log(self, step: int, metrics: dict[str, float]):
+        self.run.log(metrics, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Writes `metrics.jsonl` (one line per step) and feeds the enabled sinks and the progress display."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resumed_at: int | None = None):
+        """`resumed_at`: a resumed run's checkpoint step; what was logged after it is redone, so
+        TensorBoard drops it (as `trainer.checkpoint.truncate_logs` does for the JSONL files)."""
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+        self.sinks = []
+        if cfg.log.tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir / "tb", purge_step=None if resumed_at is None else resumed_at + 1))
+        if cfg.log.wandb:
+            self.sinks.append(WandbSink(run_dir, cfg))
+        self.sinks.append(Progress(cfg.train.steps))
 
     def log(self, step: int, metrics: dict[str, float]):
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.tb is not None:
-            for key, value in clean.items():
-                self.tb.add_scalar(key, value, step)
+        for sink in self.sinks:
+            sink.log(step, clean)
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
