@@ -24,9 +24,9 @@ beside them for that reason.
 """
 
 import argparse
-import json
+import gc
+import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +34,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def start_ray(attempts: int = 5):
+    """One local Ray for both runs. On a loaded machine its start-up can exceed Ray's fixed 30 s
+    wait for the raylet before anything ran; then it is simply started again."""
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", include_dashboard=False, logging_level=30)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this time-out
+            if attempt == attempts - 1 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            print(f"ray start-up timed out (attempt {attempt + 1}); starting again", flush=True)
+
+
 def run(name: str, out: Path, args, extra: list[str]) -> tuple[list[dict], float]:
+    """One training run of the real trainer, in this process (actors on the shared local Ray)."""
+    from trainer.config import load_config
+    from trainer.loop import train
+    from trainer.metrics import read_metrics
     toy = Path(args.toy)
     overrides = [f"name={name}", f"output_dir={out}", f"model.path={toy / 'model'}",
                  f"data.train={toy / 'data' / 'addition' / 'train.jsonl'}", f"data.eval={args.eval_file}",
@@ -42,12 +62,10 @@ def run(name: str, out: Path, args, extra: list[str]) -> tuple[list[dict], float
                  f"train.prompts_per_step={args.prompts_per_step}", "train.save_every=0", "log.samples_every=0",
                  "log.tensorboard=false", f"learner.micro_batch={args.micro_batch}", *extra]
     started = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
-                   check=True, cwd=ROOT, env=env)
+    train(load_config(ROOT / "configs" / "toy.yaml", overrides))
     seconds = time.perf_counter() - started
-    metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    return metrics, seconds
+    gc.collect()  # drop the run's actor handles, so that Ray ends its engines and learners
+    return read_metrics(out / name), seconds
 
 
 def accuracy_curve(metrics: list[dict], sequences_per_step: int) -> list[tuple[int, float, float]]:
@@ -68,9 +86,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", default=str(ROOT / ".cache" / "toyworld"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "efficiency"))
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--prompts-per-step", type=int, default=64)
     parser.add_argument("--grpo-n", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=64)
     parser.add_argument("--eval-size", type=int, default=400, help="held-out addition problems evaluated")
@@ -83,6 +101,9 @@ def main():
     args.eval_file = out / "eval.jsonl"
     args.eval_file.write_text("\n".join(eval_lines) + "\n")
 
+    sys.path.insert(0, str(ROOT))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    start_ray()
     sd, sd_seconds = run("sd", out, args, [])
     grpo, grpo_seconds = run("grpo", out, args, ["loss.mode=grpo", f"rollout.n={args.grpo_n}"])
     sd_curve = accuracy_curve(sd, args.prompts_per_step)
