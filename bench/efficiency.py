@@ -85,7 +85,8 @@ def accuracy_curve(metrics: list[dict], sequences_per_step: int) -> list[tuple[i
 
 
 def tokens_to_reach(curve: list[tuple[int, float, float]], target: float) -> float | None:
-    return next((tokens for _, tokens, accuracy in curve if accuracy >= target - 1e-9), None)
+    """Tokens generated up to the first evaluation after training began with accuracy ≥ target."""
+    return next((tokens for step, tokens, accuracy in curve if step > 0 and accuracy >= target - 1e-9), None)
 
 
 def main():
@@ -98,22 +99,27 @@ def main():
     parser.add_argument("--grpo-n", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=64)
     parser.add_argument("--eval-size", type=int, default=400, help="held-out addition problems evaluated")
+    parser.add_argument("--from", dest="source", help="analyse the runs already in this directory (sd/, grpo/)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to both runs, e.g. learner.warmup_steps=10")
     args = parser.parse_args()
     if args.grpo_n < 4:
         parser.error("--grpo-n must be at least 4")
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True)
-    eval_lines = (Path(args.toy) / "data" / "addition" / "eval.jsonl").read_text().splitlines()[:args.eval_size]
-    args.eval_file = out / "eval.jsonl"
-    args.eval_file.write_text("\n".join(eval_lines) + "\n")
-
     sys.path.insert(0, str(ROOT))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    start_ray()
-    sd, sd_seconds = run("sd", out, args, [])
-    grpo, grpo_seconds = run("grpo", out, args, ["loss.mode=grpo", f"rollout.n={args.grpo_n}"])
+    if args.source:
+        from trainer.metrics import read_metrics
+        sd, grpo = read_metrics(Path(args.source) / "sd"), read_metrics(Path(args.source) / "grpo")
+        sd_seconds = grpo_seconds = float("nan")
+    else:
+        out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+        out.mkdir(parents=True)
+        eval_lines = (Path(args.toy) / "data" / "addition" / "eval.jsonl").read_text().splitlines()[:args.eval_size]
+        args.eval_file = out / "eval.jsonl"
+        args.eval_file.write_text("\n".join(eval_lines) + "\n")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        start_ray()
+        sd, sd_seconds = run("sd", out, args, [])
+        grpo, grpo_seconds = run("grpo", out, args, ["loss.mode=grpo", f"rollout.n={args.grpo_n}"])
     sd_curve = accuracy_curve(sd, args.prompts_per_step)
     grpo_curve = accuracy_curve(grpo, args.prompts_per_step * args.grpo_n)
 
@@ -125,15 +131,15 @@ def main():
     if zero_variance:
         print(f"grpo: mean fraction of groups with zero reward variance {sum(zero_variance) / len(zero_variance):.3f}")
 
-    target = max(accuracy for _, _, accuracy in grpo_curve[1:]) if len(grpo_curve) > 1 else grpo_curve[0][2]
+    target = max(accuracy for step, _, accuracy in grpo_curve if step > 0)
     grpo_tokens = tokens_to_reach(grpo_curve, target)
     sd_tokens = tokens_to_reach(sd_curve, target)
-    print(f"target: GRPO's best held-out accuracy {target:.3f} (start {grpo_curve[0][2]:.3f})")
+    print(f"target: GRPO's best held-out accuracy after step 0, {target:.3f} (both start at {grpo_curve[0][2]:.3f})")
+    if target <= grpo_curve[0][2]:
+        print("note: GRPO did not improve on the starting accuracy within this budget")
     if sd_tokens is None:
         spent = sd_curve[-1][1]
         print(f"efficiency: sd_tokens=>{spent:.0f} grpo_tokens={grpo_tokens:.0f} ratio=<{grpo_tokens / spent:.2f}")
-    elif sd_tokens == 0:  # the target is the starting accuracy: both reach it before generating anything
-        print(f"efficiency: sd_tokens=0 grpo_tokens={grpo_tokens:.0f} ratio=n/a")
     else:
         print(f"efficiency: sd_tokens={sd_tokens:.0f} grpo_tokens={grpo_tokens:.0f} ratio={grpo_tokens / sd_tokens:.2f}")
 
