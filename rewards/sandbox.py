@@ -28,6 +28,7 @@ plus the limit. Files the user can write outside the working directory stay writ
 code only on a machine that gets `isolated`.
 """
 
+import itertools
 import os
 import shutil
 import signal
@@ -43,10 +44,10 @@ EXIT_MEMORY = 113
 EXIT_SETUP = 114
 EXIT_CPU = 115
 SANDBOX_UID_BASE = 200_000
-"""The isolated level runs each sandbox as uid SANDBOX_UID_BASE + (parent pid mod 100000) + a counter:
-a uid no account uses, so its process count is the sandbox's own."""
+"""The isolated level runs each sandbox as uid SANDBOX_UID_BASE + 100·(parent pid mod 100000) + (a counter
+mod 100): a uid no account uses, so RLIMIT_NPROC counts the sandbox's own processes only."""
 
-_counter = 0
+_counter = itertools.count(1)  # next() is atomic under the GIL: code_tests runs sandboxes from threads
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,6 @@ def run_python(source: str, *, limits: Limits = Limits(), stdin: str = "") -> Sa
 
 
 def _run(source: str, limits: Limits, stdin: str, level: str, started: float) -> SandboxResult:
-    global _counter
     staging = Path(tempfile.mkdtemp(prefix="sandbox-"))
     try:
         (staging / "main.py").write_text(source, encoding="utf-8")
@@ -101,8 +101,7 @@ def _run(source: str, limits: Limits, stdin: str, level: str, started: float) ->
                  level, str(limits.cpu_s), str(limits.memory_mb), str(limits.processes), str(limits.file_mb),
                  str(limits.open_files)]
         if level == "isolated":
-            _counter += 1
-            uid = SANDBOX_UID_BASE + (os.getpid() % 100_000) * 100 + _counter % 100
+            uid = SANDBOX_UID_BASE + (os.getpid() % 100_000) * 100 + next(_counter) % 100
             child += [str(uid)]
             # --fork: the child is PID 1 of the new namespace; when it exits every process in it dies
             command = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", *child]
@@ -187,7 +186,8 @@ def _child(argv: list[str]) -> int:
         if level == "isolated":
             workdir = _isolate(int(argv[7]))
         else:
-            workdir = Path(tempfile.mkdtemp(prefix="sandbox-work-"))
+            workdir = program.parent / "work"  # inside the parent's staging directory, which it deletes
+            workdir.mkdir()
             processes += int(argv[7])  # RLIMIT_NPROC counts every process of this user here
         os.chdir(workdir)
         os.environ.clear()

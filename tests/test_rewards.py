@@ -53,7 +53,7 @@ def test_code_tests_scores_in_the_sandbox_with_feedback():
     tests = ["assert add(2, 3) == 5"] * 3 + [None]
     feedback = [None] * 4
     scores = code_tests(["p"] * 4, completions, tests=tests, feedback=feedback,
-                        limits=Limits(wall_s=8, cpu_s=1))
+                        limits=Limits(wall_s=120, cpu_s=1))
     assert scores == [1.0, 0.0, 0.0, None]
     assert feedback[0] is None and feedback[1].startswith("The tests failed: exit status 1: AssertionError")
     assert feedback[2] == "The tests failed: cpu time limit"

@@ -6,11 +6,10 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from rewards.sandbox import Limits, isolation_level, run_python
 
-FAST = Limits(wall_s=8, cpu_s=2, memory_mb=256, processes=8, file_mb=1)
+FAST = Limits(wall_s=60, cpu_s=2, memory_mb=256, processes=8, file_mb=1)  # a loose wall clock: the cores are shared
 
 
 def test_a_plain_program_runs_and_prints():
@@ -28,10 +27,9 @@ def test_failures_are_results_with_reasons():
 
 
 def test_infinite_loop_stops_at_the_cpu_limit():
-    started = time.perf_counter()
-    result = run_python("while True:\n    pass", limits=FAST)
-    assert not result.ok and result.reason == "cpu time limit"
-    assert time.perf_counter() - started < FAST.wall_s
+    # 1 s of CPU, with a wall clock loose enough for a machine whose cores are shared with others
+    result = run_python("while True:\n    pass", limits=Limits(wall_s=120, cpu_s=1))
+    assert not result.ok and result.reason == "cpu time limit" and result.seconds < 120
 
 
 def test_sleeping_forever_stops_at_the_wall_clock():
@@ -125,3 +123,22 @@ def test_a_broken_sandbox_is_a_zero_with_a_reason(monkeypatch):
     monkeypatch.setattr(sandbox.tempfile, "mkdtemp", lambda **_: (_ for _ in ()).throw(OSError("disk full")))
     result = run_python("print(1)", limits=FAST)
     assert not result.ok and result.reason == "sandbox error: OSError: disk full"
+
+
+def test_without_namespaces_the_audit_hook_still_refuses_a_connection(monkeypatch):
+    import rewards.sandbox as sandbox
+    monkeypatch.setattr(sandbox, "isolation_level", lambda: "limited")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(4)
+    accepted = []
+    thread = threading.Thread(target=lambda: accepted.append(_accept(server)))
+    thread.start()
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)"
+    result = run_python(code, limits=FAST)
+    thread.join()
+    server.close()
+    assert result.level == "limited" and not result.ok and "network access is disabled" in result.reason
+    assert accepted == [None]
+    assert run_python("print(2 + 2)", limits=FAST).stdout == "4\n"  # the limited level runs ordinary code
