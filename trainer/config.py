@@ -149,6 +149,8 @@ class RolloutConfig:
     """Fraction of a GPU's memory an engine may take (GPU only)."""
     sync_timeout_s: Annotated[float, Range(gt=0)] = 300.0
     """Seconds a weight sync may take before the run stops with an error naming the engine."""
+    max_restarts: NonNegative = 3
+    """Times Ray restarts a dead engine; the restarted engine gets the current weights and redoes its lost shard."""
 
 
 @dataclass
@@ -183,6 +185,8 @@ class TrainConfig:
     """Save a checkpoint every N steps, and always at the end; 0 = only at the end."""
     seed: int = 0
     """Seed of the data sampler, the engines' sampling and the learners."""
+    max_skipped_steps: Positive = 3
+    """Stop the run after this many steps in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass

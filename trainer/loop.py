@@ -12,18 +12,19 @@ import os
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 import rewards
 from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
 from trainer.cluster import LearnerGroup, build_engines, start_ray
 from trainer.config import Config, dump_config
-from trainer.data import PromptSampler, fingerprint, load_examples
+from trainer.data import DataReport, PromptSampler, fingerprint, load_examples
 from trainer.errors import ConfigError
+from trainer.health import SkippedSteps
 from trainer.metrics import MetricsLogger, timed
-from trainer.steps import (encode_prompts, evaluate, reward_metrics, sample_records, sample_rollouts,
-                           score_on_engines, teacher_prompt_ids)
+from trainer.steps import (drop_overlong, encode_prompts, evaluate, reward_metrics, sample_records,
+                           sample_rollouts, score_on_engines, teacher_prompt_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,19 @@ def train(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    train_set, _ = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
-    eval_set = load_examples(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)[0] if cfg.data.eval else []
-    sampler = PromptSampler(len(train_set), cfg.train.seed)
-    data_fingerprint = fingerprint(train_set)
+    train_set, train_report = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
+    eval_set, eval_report = load_examples(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid) if cfg.data.eval \
+        else ([], None)
     encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
     encoded_eval = encode_prompts(eval_set, tokenizer, cfg.teacher.template)
+    max_model_len = cfg.model.max_model_len or AutoConfig.from_pretrained(cfg.model.path).max_position_embeddings
+    train_set = drop_overlong(train_set, encoded_train, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                              train_report)
+    if eval_set:
+        eval_set = drop_overlong(eval_set, encoded_eval, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                                 eval_report)
+    sampler = PromptSampler(len(train_set), cfg.train.seed)
+    data_fingerprint = fingerprint(train_set)
     reward_fns = rewards.resolve(cfg.rewards)
 
     start_ray(cfg)
@@ -70,6 +78,7 @@ def train(cfg: Config) -> dict:
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
     sink = MetricsLogger(run_dir, cfg.log)
     version, teacher_version = 0, 0
+    skipped_steps, engine_restarts = SkippedSteps(cfg.train.max_skipped_steps), 0
     scoring_pool = teacher_engines or students
 
     first = evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
@@ -92,12 +101,17 @@ def train(cfg: Config) -> dict:
             with timed(metrics, "train"):
                 total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
                 metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
+            metrics |= skipped_steps.update(step, bool(metrics.pop("learner/skipped")))
             with timed(metrics, "sync"):
                 version += 1
-                transport.sync(learners.export("student"), students.named, version)
+                students.sync(transport, learners.export("student"), version)
                 if teacher_engines is not None and cfg.teacher.weights == "ema":
                     teacher_version += 1
-                    transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+                    teacher_engines.sync(transport, learners.export("teacher"), teacher_version)
+            restarts = students.drain_restarts() + (teacher_engines.drain_restarts() if teacher_engines else [])
+            engine_restarts += len(restarts)
+            metrics["health/engine_restarts"] = float(engine_restarts)
+            log_rollout_ids(run_dir, step, version - 1, rollouts, restarts)
         metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
         if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             metrics |= evaluate(students, eval_set, encoded_eval, tokenizer, cfg, answer_match, version)
@@ -116,8 +130,27 @@ def train(cfg: Config) -> dict:
                "seconds": round(time.perf_counter() - started, 1),
                "start": {k: v for k, v in first.items() if k.startswith("eval/")},
                "end": {k: v for k, v in last.items() if k.startswith("eval/")}}
+    summary["health"] = {"skipped_steps": skipped_steps.total, "engine_restarts": engine_restarts}
+    summary["data"] = {"train": data_summary(train_report)} | ({"eval": data_summary(eval_report)} if eval_report else {})
+    for report in (train_report, eval_report):
+        if report is not None and report.skipped:
+            logger.warning("%s: %d invalid record(s) skipped (data.on_invalid=skip), %d kept; first: %s",
+                           report.path, len(report.skipped), report.kept, report.skipped[0])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def log_rollout_ids(run_dir: Path, step: int, version: int, rollouts: list, restarts: list[dict]):
+    """`rollouts.jsonl`: the example id of every rollout trained on in the step, in order, the policy
+    version that sampled them, and the engines that died and were restarted meanwhile. One short line
+    per step; it is what proves that no prompt was lost or trained on twice."""
+    record = {"step": step, "version": version, "example_ids": [r.example_id for r in rollouts], "restarts": restarts}
+    with (run_dir / "rollouts.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def data_summary(report: DataReport) -> dict:
+    return {"path": report.path, "kept": report.kept, "skipped": len(report.skipped), "first_skipped": report.skipped[:5]}
 
 
 def _brief(metrics: dict[str, float]) -> str:
