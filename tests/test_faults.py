@@ -112,3 +112,131 @@ def test_non_finite_teacher_scores_skip_the_step_on_every_rank(toy_world, small_
     assert guard.total == 5
     for actor in group.actors:
         ray.kill(actor)
+
+
+SECRETS = {"HF_TOKEN": "hf_fakeSecret0123456789", "WANDB_API_KEY": "fake-wandb-key-9876543210",
+           "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret/abcdefXYZ"}
+
+
+def _descendants(process: psutil.Process, title: str) -> list[psutil.Process]:
+    """Ray workers name themselves `ray::<Class>.<method>` while they run a method."""
+    found = []
+    for child in process.children(recursive=True):
+        try:
+            if child.cmdline()[:1] == [title]:
+                found.append(child)
+        except (psutil.Error, IndexError):
+            pass
+    return found
+
+
+def _kill_engines_mid_generate(run: subprocess.Popen, run_dir, after_steps, killed: list):
+    """After each step in `after_steps` is logged, SIGKILLs the first engine caught generating."""
+    root = psutil.Process(run.pid)
+    for after in after_steps:
+        while run.poll() is None and (not (run_dir / "metrics.jsonl").exists()
+                                      or len((run_dir / "metrics.jsonl").read_text().splitlines()) <= after):
+            time.sleep(0.1)
+        while run.poll() is None:
+            victims = _descendants(root, "ray::RolloutEngine.generate")
+            if victims:
+                try:
+                    environ = victims[0].environ()
+                    os.kill(victims[0].pid, signal.SIGKILL)
+                except (psutil.Error, ProcessLookupError):
+                    continue
+                killed.append({"after_step": after, "pid": victims[0].pid,
+                               "saw_secret": environ.get("HF_TOKEN") == SECRETS["HF_TOKEN"]})
+                break
+            time.sleep(0.005)
+
+
+def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_is_lost(toy_world, small_eval,
+                                                                                         tmp_path):
+    """Three SIGKILLs of rollout engines in the middle of generation, in one `selfdistill train` run
+    with fake secrets in its environment: the run finishes, every step trained on exactly the prompts
+    the sampler drew (rollouts.jsonl), each restarted engine sampled with the current weights (the
+    engine/learner logprob gap stays ~1e-6), and no secret appears in anything the run wrote."""
+    run_dir = tmp_path / "kills"
+    overrides = [f"model.path={toy_world / 'model'}", f"data.train={toy_world / 'data' / 'addition' / 'train.jsonl'}",
+                 f"data.eval={small_eval}", f"output_dir={tmp_path}", "name=kills", "train.steps=8",
+                 "train.prompts_per_step=8", "rollout.n=2", "rollout.engines=2", "rollout.max_restarts=3",
+                 "learner.num=1", "learner.micro_batch=16", "learner.warmup_steps=0", "teacher.weights=live",
+                 "teacher.scorer=engine", "train.eval_every=0", "log.samples_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SECRETS | {
+        "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: list[dict] = []
+    killer = threading.Thread(target=_kill_engines_mid_generate, args=(run, run_dir, (1, 3, 5), killed), daemon=True)
+    killer.start()
+    stdout, stderr = run.communicate(timeout=1500)
+    killer.join(timeout=5)
+    assert run.returncode == 0, stderr[-5000:]
+    assert len(killed) == 3 and all(k["saw_secret"] for k in killed), killed  # the engines had the secrets
+
+    # every step trained on exactly the prompts the sampler drew, each rollout.n=2 times, in order
+    train_set, _ = load_examples(toy_world / "data" / "addition" / "train.jsonl")
+    sampler = PromptSampler(len(train_set), seed=0)
+    records = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for record in records:
+        drawn = [train_set[i].id for i in sampler.next_indices(8)]
+        assert record["example_ids"] == [i for i in drawn for _ in range(2)], record["step"]
+        assert record["version"] == record["step"] - 1
+
+    restarts = [(r["step"], x) for r in records for x in r["restarts"]]
+    assert len(restarts) == 3, restarts
+    for (step, restart), kill in zip(restarts, killed):
+        assert step > kill["after_step"] and restart["lost"] == "generate of 4 items" and restart["version"] == step - 1
+        assert f"{restart['engine']} died during generate of 4 items" in stderr
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["health/engine_restarts"] == 3 and metrics[-1]["health/skipped_steps"] == 0
+    # a restarted engine with the base weights would be ~1e-2 away from the learner after step 1
+    assert all(m["health/engine_trainer_logprob_gap"] < 1e-4 for m in metrics[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["health"] == {"skipped_steps": 0, "engine_restarts": 3}
+
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "samples.jsonl" for p in written) and any(p.suffix == ".safetensors" for p in written)
+    for secret in SECRETS.values():
+        assert secret not in stdout and secret not in stderr
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_dead_learner_stops_the_run_naming_it_and_the_last_checkpoint_is_intact(
+        toy_world, small_eval, tmp_path, local_ray, monkeypatch):
+    groups = []
+
+    class RecordedLearners(LearnerGroup):  # the same group; the test only needs its actor handles
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            groups.append(self)
+
+    monkeypatch.setattr(loop, "LearnerGroup", RecordedLearners)
+    cfg = toy_config(toy_world, small_eval, tmp_path, "learner.num=2", "train.steps=30", "train.save_every=1",
+                     "train.prompts_per_step=8", "teacher.weights=live", "teacher.scorer=engine", "name=dies")
+    run_dir = tmp_path / "dies"
+    killed = []
+
+    def kill_rank_1():
+        while not (run_dir / "checkpoints" / "latest").exists() or \
+                (run_dir / "checkpoints" / "latest").read_text() != "step_2":
+            time.sleep(0.05)
+        pid = ray.get(groups[0].actors[1].__ray_call__.remote(lambda learner: os.getpid()))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    threading.Thread(target=kill_rank_1, daemon=True).start()
+    with pytest.raises(LearnerDiedError, match=r"^learner rank 1 died during \w+: "):
+        loop.train(cfg)
+    assert killed
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    state = json.loads((latest / "state.json").read_text())
+    assert state["step"] >= 2 and latest.name == f"step_{state['step']}"
+    model = AutoModelForCausalLM.from_pretrained(latest / "hf")
+    assert all(p.isfinite().all() for p in model.parameters())
+    AutoTokenizer.from_pretrained(latest / "hf")
+    for actor in groups[0].actors:
+        ray.kill(actor)
