@@ -158,13 +158,21 @@ def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_
     the sampler drew (rollouts.jsonl), each restarted engine sampled with the current weights (the
     engine/learner logprob gap stays ~1e-6), and no secret appears in anything the run wrote."""
     run_dir = tmp_path / "kills"
-    overrides = [f"model.path={toy_world / 'model'}", f"data.train={toy_world / 'data' / 'addition' / 'train.jsonl'}",
+    # the toy training set plus five bad records after it, skipped under data.on_invalid=skip
+    clean = (toy_world / "data" / "addition" / "train.jsonl").read_bytes()
+    first = json.loads(clean.splitlines()[0])
+    bad = [b'{"id": "broken", "prompt": ', b'{"id": "latin1", "prompt": "Q:1+1=\xe9", "context": "W"}',
+           json.dumps({**first, "id": "long", "context": "W:" + "1" * 130}).encode(),  # > 128 positions
+           json.dumps({**first, "id": "empty", "prompt": " "}).encode(), json.dumps(first).encode()]  # + a duplicate
+    dirty = tmp_path / "train.jsonl"
+    dirty.write_bytes(clean + b"\n".join(bad) + b"\n")
+    overrides = [f"model.path={toy_world / 'model'}", f"data.train={dirty}", "data.on_invalid=skip",
                  f"data.eval={small_eval}", f"output_dir={tmp_path}", "name=kills", "train.steps=8",
                  "train.prompts_per_step=8", "rollout.n=2", "rollout.engines=2", "rollout.max_restarts=3",
                  "learner.num=1", "learner.micro_batch=16", "learner.warmup_steps=0", "teacher.weights=live",
                  "teacher.scorer=engine", "train.eval_every=0", "log.samples_every=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SECRETS | {
-        "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+        "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "180000"}
     run = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: list[dict] = []
@@ -196,6 +204,15 @@ def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_
     assert all(m["health/engine_trainer_logprob_gap"] < 1e-4 for m in metrics[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["health"] == {"skipped_steps": 0, "engine_restarts": 3}
+    data = summary["data"]["train"]
+    assert (data["kept"], data["skipped"]) == (len(train_set), 5)
+    lines = len(clean.splitlines())
+    assert [reason.split(": ", 2)[:2] for reason in data["first_skipped"]] == [
+        [f"{dirty}:{lines + 1}", "not valid JSON"], [f"{dirty}:{lines + 2}", "not valid UTF-8 (byte 0xe9 at column 35)"],
+        [f"{dirty}:{lines + 4}", "field 'prompt'"], [f"{dirty}:{lines + 5}", "field 'id'"],
+        [f"{dirty}:{lines + 3}", "field 'context'"]]  # the length check runs after loading
+    assert f"train data: 5 invalid record(s) skipped, {len(train_set)} kept" in stdout
+    assert "5 invalid record(s) skipped (data.on_invalid=skip)" in stderr
 
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.name == "samples.jsonl" for p in written) and any(p.suffix == ".safetensors" for p in written)
