@@ -24,9 +24,14 @@ def local_ray():
 
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # On a loaded machine Ray's metrics agent can take longer than the raylet waits for it by default.
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
+    for attempt in range(5):  # on a loaded machine Ray's own start-up (its metrics agent) can time out
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 4:
+                raise
     yield ray
     ray.shutdown()
 
