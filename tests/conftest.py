@@ -24,14 +24,7 @@ def local_ray():
 
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for attempt in range(5):  # on a loaded machine Ray's own start-up (its metrics agent) can time out
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 4:
-                raise
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=30)
     yield ray
     ray.shutdown()
 

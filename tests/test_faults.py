@@ -118,24 +118,6 @@ SECRETS = {"HF_TOKEN": "hf_fakeSecret0123456789", "WANDB_API_KEY": "fake-wandb-k
            "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret/abcdefXYZ"}
 
 
-# `selfdistill train`, after starting its local Ray the way trainer.cluster.start_ray does, retried:
-# on a loaded CI machine Ray's own start-up (its metrics agent) can time out, which is not under test.
-CLI_WITH_RAY_RETRIES = """
-import logging, sys, time, ray
-for attempt in range(5):
-    try:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-        break
-    except Exception as e:
-        print(f"ray start failed ({e}); retrying", file=sys.stderr)
-        ray.shutdown()
-        time.sleep(5)
-from trainer.cli import main
-sys.argv[0] = "selfdistill"
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def _descendants(process: psutil.Process, title: str) -> list[psutil.Process]:
     """Ray workers name themselves `ray::<Class>.<method>` while they run a method."""
     found = []
@@ -191,7 +173,7 @@ def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_
                  "teacher.scorer=engine", "train.eval_every=0", "log.samples_every=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SECRETS | {
         "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    run = subprocess.Popen([sys.executable, "-c", CLI_WITH_RAY_RETRIES, "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
+    run = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: list[dict] = []
     killer = threading.Thread(target=_kill_engines_mid_generate, args=(run, run_dir, (1, 3, 5), killed), daemon=True)
