@@ -9,6 +9,7 @@ lost. Nothing else is redone and every prompt's results come back exactly once, 
 """
 
 import logging
+import time
 
 import ray
 from ray.exceptions import RayActorError
@@ -17,6 +18,9 @@ from rollout.batch import Rollout, TeacherScores
 from trainer.errors import EngineDiedError, StaleRolloutError
 
 logger = logging.getLogger(__name__)
+
+RESTART_TIMEOUT_S = 600
+"""How long a dead engine may take to come back (a restart loads the model again)."""
 
 
 def shards(count: int, parts: int) -> list[slice]:
@@ -68,9 +72,17 @@ class EnginePool:
                                   f"{self.max_restarts}: {_first_line(error)}") from None
         logger.warning("%s died during %s; waiting for its restart (%d of %d): %s",
                        name, lost, deaths, self.max_restarts, _first_line(error))
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:  # a call made before Ray has noticed the death fails too; ask again until it is back
+            try:
+                ray.get(actor.version.remote())
+                break
+            except RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise EngineDiedError(f"{name} died and was not back after {RESTART_TIMEOUT_S}s: "
+                                          f"{_first_line(e)}") from None
+                time.sleep(1.0)
         try:
-            # Calls queue until the restarted actor is up; this one also surfaces a failed restart.
-            ray.get(actor.version.remote())
             if self.weights is not None:
                 weights, version = self.weights
                 ray.get(actor.load_weights.remote(weights, version))

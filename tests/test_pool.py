@@ -31,6 +31,9 @@ def test_weight_sync_deadline_names_the_late_engine(local_ray):
         def __init__(self, delay: float):
             self.delay = delay
 
+        def ready(self):
+            return True
+
         def load_weights(self, weights, version):
             import time
             time.sleep(self.delay)
@@ -38,6 +41,7 @@ def test_weight_sync_deadline_names_the_late_engine(local_ray):
 
     engines = {"student-0": ray.remote(SlowEngine).options(num_cpus=0).remote(0.0),
                "student-1": ray.remote(SlowEngine).options(num_cpus=0).remote(30.0)}
+    ray.get([engine.ready.remote() for engine in engines.values()])  # started: only the load is slow
     weights = ray.put({"w": 1})
     with pytest.raises(WeightSyncError, match=r"^weight sync to version 1 timed out after 2s waiting for student-1$"):
         ObjectStoreTransport(timeout_s=2).sync(weights, engines, version=1)
