@@ -1,11 +1,26 @@
 """EnginePool: N engine actors used as one. It splits a batch into contiguous shards (one per
 engine), gathers the results back in order, and checks that every rollout carries the policy
-version the driver expects."""
+version the driver expects.
+
+Engines die (a lost node, an OOM kill). Ray restarts an engine actor (`rollout.max_restarts`), and
+the restarted one has loaded the base model at version 0, so the pool remembers the last weights it
+synced and their version, pushes them into the restarted engine, and redoes the shard that engine
+lost. Nothing else is redone and every prompt's results come back exactly once, in order.
+"""
+
+import logging
+import time
 
 import ray
+from ray.exceptions import RayActorError
 
 from rollout.batch import Rollout, TeacherScores
-from trainer.errors import StaleRolloutError
+from trainer.errors import EngineDiedError, StaleRolloutError
+
+logger = logging.getLogger(__name__)
+
+RESTART_TIMEOUT_S = 600
+"""How long a dead engine may take to come back (a restart loads the model again)."""
 
 
 def shards(count: int, parts: int) -> list[slice]:
@@ -18,8 +33,14 @@ def shards(count: int, parts: int) -> list[slice]:
 
 
 class EnginePool:
-    def __init__(self, name: str, actors: list, placement_group=None):
-        self.name, self.actors, self.placement_group = name, actors, placement_group
+    def __init__(self, name: str, actors: list, max_restarts: int = 0, placement_group=None):
+        self.name, self.actors, self.max_restarts, self.placement_group = name, actors, max_restarts, placement_group
+        self.weights: dict[str | None, tuple["ray.ObjectRef", int]] = {}
+        """The last synced (weights, version) per adapter name (None = the full weights): what a
+        restarted engine must load."""
+        self.restarts: list[dict] = []
+        """One record per recovered engine death, drained by the driver into its logs."""
+        self._drained = 0
 
     @property
     def named(self) -> dict[str, object]:
@@ -27,9 +48,68 @@ class EnginePool:
 
     def _map(self, method: str, *columns: list, **kwargs) -> list:
         parts = shards(len(columns[0]), len(self.actors))
-        refs = [getattr(actor, method).remote(*(c[part] for c in columns), **kwargs)
-                for actor, part in zip(self.actors, parts)]
-        return [item for result in ray.get(refs) for item in result]
+        results: list = [None] * len(parts)
+        pending = {}
+        for i, part in enumerate(parts):
+            pending[getattr(self.actors[i], method).remote(*(c[part] for c in columns), **kwargs)] = i
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except RayActorError as e:
+                self._recover(i, e, f"{method} of {parts[i].stop - parts[i].start} items")
+                pending[getattr(self.actors[i], method).remote(*(c[parts[i]] for c in columns), **kwargs)] = i
+        return [item for result in results for item in result]
+
+    def _recover(self, i: int, error: RayActorError, lost: str):
+        """Waits for Ray to restart engine i and gives it the current weights; raises if it cannot."""
+        name, actor = f"{self.name}-{i}", self.actors[i]
+        if _actor_id(error) not in (None, actor._actor_id.hex()):
+            raise error  # another actor's failure (e.g. a learner behind a weights ref): not ours to recover
+        deaths = 1 + sum(r["engine"] == name for r in self.restarts)
+        if deaths > self.max_restarts:
+            raise EngineDiedError(f"{name} died {deaths} time(s), more than rollout.max_restarts="
+                                  f"{self.max_restarts}: {_first_line(error)}") from None
+        logger.warning("%s died during %s; waiting for its restart (%d of %d): %s",
+                       name, lost, deaths, self.max_restarts, _first_line(error))
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:  # a call made before Ray has noticed the death fails too; ask again until it is back
+            try:
+                ray.get(actor.version.remote())
+                break
+            except RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise EngineDiedError(f"{name} died and was not back after {RESTART_TIMEOUT_S}s: "
+                                          f"{_first_line(e)}") from None
+                time.sleep(1.0)
+        try:  # the full weights first, then the adapters on top (LoRA adapter sync keeps the base)
+            for adapter, (weights, version) in sorted(self.weights.items(), key=lambda item: item[0] is not None):
+                ray.get(actor.load_adapter.remote(weights, version, adapter) if adapter
+                        else actor.load_weights.remote(weights, version))
+        except RayActorError as e:
+            raise EngineDiedError(f"{name} died and did not come back: {_first_line(e)}") from None
+        version = ray.get(actor.version.remote())
+        self.restarts.append({"engine": name, "lost": lost, "version": version})
+        logger.warning("%s restarted at policy version %d; redoing its %s", name, version, lost)
+
+    def sync(self, transport, weights_ref: "ray.ObjectRef", version: int, adapter: str | None = None) -> float:
+        """Loads new weights (or the LoRA `adapter`) into every engine with `transport`; an engine that
+        dies meanwhile is restarted and given them. Returns the seconds the sync took."""
+        self.weights[adapter] = (weights_ref, version)
+        while True:  # bounded: _recover raises once an engine has died more than max_restarts times
+            try:
+                return transport.sync(weights_ref, self.named, version, adapter=adapter)
+            except RayActorError as e:
+                dead = [i for i, a in enumerate(self.actors) if a._actor_id.hex() == _actor_id(e)]
+                if not dead:
+                    raise
+                self._recover(dead[0], e, "weight sync")  # pushes the new weights; the others reload them again
+
+    def drain_restarts(self) -> list[dict]:
+        """The restarts recovered since the last call."""
+        restarts, self._drained = self.restarts[self._drained:], len(self.restarts)
+        return restarts
 
     def generate(self, prompt_ids: list[list[int]], example_ids: list[str], expected_version: int,
                  seeds: list[int] | None = None, **sampling) -> list[Rollout]:
@@ -53,3 +133,12 @@ class EnginePool:
     def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
               adapter: str | None = None) -> list[TeacherScores]:
         return self._map("score", sequences, completion_starts, topk=topk, adapter=adapter)
+
+def _actor_id(error: RayActorError) -> str | None:
+    actor_id = error.actor_id
+    return actor_id.hex() if isinstance(actor_id, bytes) else actor_id
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

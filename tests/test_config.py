@@ -4,9 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from trainer.config import (Config, config_from_dict, dump_config, field_docs, load_config, reference,
-                            reference_markdown)
+from trainer.config import (Config, config_from_dict, config_to_dict, dump_config, field_docs, load_config,
+                            reference, reference_markdown)
 from trainer.errors import ConfigError
 
 from conftest import ROOT
@@ -148,3 +150,41 @@ def test_lora_refuses_empty_targets_and_unknown_sync():
         load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.target_modules=[]"])
     with pytest.raises(ConfigError, match="model.lora.sync: 'merge' is not one of"):
         load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.sync=merge"])
+
+
+KEYS = [path for path, _, _, _ in reference()]
+YAML_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) \
+    | st.lists(st.text(max_size=5), max_size=2) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200) | st.binary(max_size=100))
+def test_no_config_file_crashes_the_parser(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e).startswith(str(path))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=12), YAML_VALUES, max_size=5),
+       overrides=st.lists(st.tuples(st.sampled_from(KEYS) | st.text(max_size=12), st.text(max_size=12)), max_size=3))
+def test_no_keys_values_or_overrides_crash_the_parser(tmp_path_factory, values, overrides):
+    """Known and unknown keys with any YAML values, and any overrides: a Config or a ConfigError."""
+    import yaml
+    data = {}
+    for key, value in values.items():
+        node, *rest = key.split(".")
+        target = data
+        for part in [node, *rest][:-1]:
+            target = target.setdefault(part, {}) if isinstance(target.get(part, {}), dict) else {}
+        target[[node, *rest][-1]] = value
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(MINIMAL + yaml.safe_dump(data))
+    try:
+        cfg = load_config(path, [f"{k}={v}" for k, v in overrides])
+    except ConfigError:
+        return
+    assert config_from_dict(config_to_dict(cfg)) == cfg

@@ -128,3 +128,51 @@ def test_sampler_is_seeded_and_refuses_a_different_dataset():
     assert PromptSampler(100, 1).next_indices(100) != PromptSampler(100, 2).next_indices(100)
     with pytest.raises(DataError, match="sampler state is for 100 examples, this dataset has 99"):
         PromptSampler(99, 1).load_state_dict(PromptSampler(100, 1).state_dict())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "p\ud800", "context": "c"}, "field 'prompt': not valid Unicode (surrogates not allowed at character 2)"),
+    ({"prompt": [{"role": "system", "content": "be brief"}], "context": "c"}, "field 'prompt': no 'user' message"),
+    ({"prompt": [{"role": "user", "content": " "}], "context": "c"}, "field 'prompt': message 0: empty user content"),
+    ({"prompt": "", "context": "c"}, "field 'prompt': empty string"),
+    ({"prompt": "p", "context": "c", "id": ""}, "field 'id': empty string"),
+    ({"prompt": 5, "context": "c", "id": [1]}, "field 'id': expected a string, got list"),
+    (b"[" * 100_000, "not valid JSON: nested too deeply"),
+])
+def test_more_bad_records(tmp_path, bad, message):
+    path = write_lines(tmp_path, [GOOD, bad])
+    with pytest.raises(DataError) as e:
+        load_examples(path)
+    assert str(e.value).startswith(f"{path}:2: {message}")
+    examples, report = load_examples(path, on_invalid="skip")
+    assert [e.id for e in examples] == ["a"] and report.skipped[0].startswith(f"{path}:2: {message}")
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+RECORD = st.fixed_dictionaries({}, optional={k: JSON | st.text(max_size=12) for k in ("id", "prompt", "context", "answer", "task")}) \
+    | st.fixed_dictionaries({"prompt": st.lists(st.dictionaries(st.sampled_from(["role", "content", "x"]),
+                                                                  st.sampled_from(["user", "system", "robot", "", " hi"]) | JSON,
+                                                                  max_size=3), max_size=3),
+                             "context": st.text(max_size=5)})
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(st.one_of(st.binary(max_size=40), RECORD.map(lambda r: json.dumps(r).encode()),
+                                JSON.map(lambda v: json.dumps(v).encode())), max_size=6),
+       on_invalid=st.sampled_from(["error", "skip"]))
+def test_no_input_crashes_the_loader(tmp_path_factory, lines, on_invalid):
+    """Whatever the bytes: records come back validated, or a DataError names where the problem is."""
+    path = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
+    try:
+        examples, report = load_examples(path, on_invalid=on_invalid)
+    except DataError as e:
+        assert str(e).startswith(str(path))
+        return
+    assert len({e.id for e in examples}) == len(examples) == report.kept
+    for e in examples:
+        assert e.context.strip() and (e.prompt.strip() if isinstance(e.prompt, str) else e.prompt)
+        assert e.where.startswith(f"{path}:")
+    fingerprint(examples)

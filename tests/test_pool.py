@@ -21,6 +21,7 @@ def test_rank_metrics_are_token_weighted():
 def test_weight_sync_deadline_names_the_late_engine(local_ray):
     import ray
 
+    from rollout.pool import EnginePool
     from rollout.weights import ObjectStoreTransport
     from trainer.errors import WeightSyncError
 
@@ -30,6 +31,9 @@ def test_weight_sync_deadline_names_the_late_engine(local_ray):
         def __init__(self, delay: float):
             self.delay = delay
 
+        def ready(self):
+            return True
+
         def load_weights(self, weights, version):
             import time
             time.sleep(self.delay)
@@ -37,9 +41,15 @@ def test_weight_sync_deadline_names_the_late_engine(local_ray):
 
     engines = {"student-0": ray.remote(SlowEngine).options(num_cpus=0).remote(0.0),
                "student-1": ray.remote(SlowEngine).options(num_cpus=0).remote(30.0)}
+    ray.get([engine.ready.remote() for engine in engines.values()])  # started: only the load is slow
     weights = ray.put({"w": 1})
-    with pytest.raises(WeightSyncError, match=r"timed out after 2s waiting for student-1$"):
+    with pytest.raises(WeightSyncError, match=r"^weight sync to version 1 timed out after 2s waiting for student-1$"):
         ObjectStoreTransport(timeout_s=2).sync(weights, engines, version=1)
+    # the same through the pool, which remembers what it synced for engines that restart
+    pool = EnginePool("student", list(engines.values()))
+    with pytest.raises(WeightSyncError, match=r"^weight sync to version 3 timed out after 2s waiting for student-1$"):
+        pool.sync(ObjectStoreTransport(timeout_s=2), weights, version=3)
+    assert pool.weights == (weights, 3)
     assert ObjectStoreTransport(timeout_s=20).sync(weights, {"student-0": engines["student-0"]}, version=2) < 20
     for engine in engines.values():
         ray.kill(engine)

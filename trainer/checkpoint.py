@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from trainer.data import PromptSampler
+from trainer.data import DataReport, PromptSampler
 from trainer.errors import ConfigError
 from trainer.metrics import read_metrics
 
@@ -115,7 +115,7 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
 
 def truncate_logs(run_dir: Path, step: int):
     """Drops the log lines of steps after `step`: a resumed run redoes them, and each step is logged once."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "rollouts.jsonl"):
         path = run_dir / name
         if not path.exists():
             continue
@@ -155,3 +155,16 @@ def summarize(run_dir: Path, checkpoint: Path | None, steps: int, started: float
     return {"run_dir": str(run_dir), "checkpoint": str(model) if model else None, "steps": steps,
             "stopped_by": stopped_by, "seconds": round(time.perf_counter() - started, 1),
             "start": evals[0] if evals else {}, "end": evals[-1] if evals else {}}
+
+
+def log_rollout_ids(run_dir: Path, step: int, version: int, rollouts: list, restarts: list[dict]):
+    """`rollouts.jsonl`: the example id of every rollout trained on in the step, in order, the policy
+    version that sampled them, and the engines that died and were restarted meanwhile. One short line
+    per step; it is what proves that no prompt was lost or trained on twice."""
+    record = {"step": step, "version": version, "example_ids": [r.example_id for r in rollouts], "restarts": restarts}
+    with (run_dir / "rollouts.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def data_summary(report: DataReport) -> dict:
+    return {"path": report.path, "kept": report.kept, "skipped": len(report.skipped), "first_skipped": report.skipped[:5]}

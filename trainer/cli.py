@@ -64,6 +64,14 @@ def format_summary(summary: dict) -> str:
         else:
             end = summary["end"].get(key, float("nan"))
             lines.append(f"  {key.split('/')[1]:<12} student accuracy: {start:.1%} at step 0 -> {end:.1%} at step {summary['steps']}")
+    for split, report in summary.get("data", {}).items():
+        if report["skipped"]:
+            lines.append(f"  {split} data: {report['skipped']} invalid record(s) skipped, {report['kept']} kept "
+                         f"(reasons in summary.json)")
+    health = summary.get("health", {})
+    if any(health.values()):
+        lines.append(f"  health: {health['skipped_steps']} step(s) skipped (non-finite loss or gradient), "
+                     f"{health['engine_restarts']} engine restart(s)")
     lines.append(f"  run directory: {summary['run_dir']} (model: {summary['checkpoint']})")
     return "\n".join(lines)
 

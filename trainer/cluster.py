@@ -18,12 +18,14 @@ import socket
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayActorError
 
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool, shards
 from trainer.adapters import vllm_max_lora_rank
 from trainer.config import Config, config_to_dict
 from trainer.errors import SelfDistillError
+from trainer.errors import LearnerDiedError
 from trainer.learner import Learner
 
 logger = logging.getLogger(__name__)
@@ -87,15 +89,17 @@ def _actor_options(gpu: bool, group: PlacementGroup, index: int, env: dict | Non
 def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     gpu = _has_gpus()
     group = place(cfg, count, gpu, f"{name}-engines")
+    # A dead engine is restarted by Ray; the pool gives it the current weights and redoes its shard.
     remote = ray.remote(RolloutEngine)
     max_len = cfg.model.max_model_len
-    actors = [remote.options(**_actor_options(gpu, group, i, None if gpu else CPU_ENGINE_ENV)).remote(
+    actors = [remote.options(max_restarts=cfg.rollout.max_restarts,
+                             **_actor_options(gpu, group, i, None if gpu else CPU_ENGINE_ENV)).remote(
                   cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
                   max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                   tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
               for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # surface start-up errors here
-    return EnginePool(name, actors, placement_group=group)
+    return EnginePool(name, actors, max_restarts=cfg.rollout.max_restarts, placement_group=group)
 
 
 def engine_lora_rank(cfg: Config, name: str) -> int:
@@ -131,18 +135,23 @@ class LearnerGroup:
         self.actors = [ray.remote(Learner).options(**_actor_options(gpu, group, rank)).remote(
                            config, rank, cfg.learner.num, address, port)
                        for rank in range(cfg.learner.num)]
-        ray.get([a.ready.remote() for a in self.actors])
+        self._get([a.ready.remote() for a in self.actors], "start-up")
 
     def train_step(self, rollouts, teacher_prompts, scores, total_tokens: int) -> dict[str, float]:
         parts = shards(len(rollouts), len(self.actors))
         refs = [actor.train_step.remote(rollouts[p], teacher_prompts[p], scores[p] if scores is not None else None,
                                         total_tokens) for actor, p in zip(self.actors, parts)]
-        return merge_rank_metrics(ray.get(refs))
+        per_rank = self._get(refs, "train_step")
+        if len({m["learner/skipped"] for m in per_rank}) != 1:  # DeepSpeed decides on the global norm
+            raise RuntimeError(f"learner ranks disagree on skipping the step: {[m['learner/skipped'] for m in per_rank]}")
+        return merge_rank_metrics(per_rank)
 
     def export(self, which: str = "student") -> "ray.ObjectRef":
         """An object-store reference to rank 0's full weights (all ranks join, for ZeRO-3)."""
         refs = [actor.export_weights.remote(which) for actor in self.actors]
-        ray.wait(refs, num_returns=len(refs))
+        # The other ranks return None; rank 0's weights stay in the object store, and a cheap call
+        # after them tells whether rank 0 is still alive, without fetching the weights here.
+        self._get(refs[1:] + [self.actors[0].ready.remote()], "export_weights", ranks=[*range(1, len(refs)), 0])
         return refs[0]
 
     def export_adapter(self, which: str = "student") -> "ray.ObjectRef":
@@ -152,22 +161,38 @@ class LearnerGroup:
         return refs[0]
 
     def save_pretrained(self, directory: str):
-        ray.get([actor.save_pretrained.remote(directory) for actor in self.actors])
+        self._get([actor.save_pretrained.remote(directory) for actor in self.actors], "save_pretrained")
+
+    def _get(self, refs: list, what: str, ranks: list[int] | None = None) -> list:
+        """ray.get of one call per rank (`ranks`, default 0..N-1), in order. A dead rank stops the
+        run at once, named: the others may be blocked in a collective waiting for it."""
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        pending = {ref: (i, rank) for i, (ref, rank) in enumerate(zip(refs, ranks, strict=True))}
+        results = [None] * len(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i, rank = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except RayActorError as e:
+                raise LearnerDiedError(f"learner rank {rank} died during {what}: "
+                                       f"{str(e).strip().splitlines()[0]}") from None
+        return results
 
     def save_adapter(self, directory: str):
-        ray.get([actor.save_adapter.remote(directory) for actor in self.actors])
+        self._get([actor.save_adapter.remote(directory) for actor in self.actors], "save_adapter")
 
     def save(self, directory: str):
         """A resumable checkpoint: `engine/` (DeepSpeed states, RNG, EMA teacher); with LoRA `adapter/`
         (peft format); and `hf/` (save_pretrained; with LoRA only when `model.lora.save_merged`)."""
-        ray.get([actor.save.remote(directory) for actor in self.actors])
+        self._get([actor.save.remote(directory) for actor in self.actors], "save")
         if self.lora:
             self.save_adapter(f"{directory}/adapter")
         if not self.lora or self.save_merged:
             self.save_pretrained(f"{directory}/hf")
 
     def load(self, directory: str):
-        ray.get([actor.load.remote(directory) for actor in self.actors])
+        self._get([actor.load.remote(directory) for actor in self.actors], "load")
 
     def close(self):
         """Frees the actors and their placement group (a stage sequence starts new ones)."""

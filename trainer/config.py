@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import string
 import textwrap
@@ -181,6 +182,8 @@ class RolloutConfig:
     """Fraction of a GPU's memory an engine may take (GPU only)."""
     sync_timeout_s: Annotated[float, Range(gt=0)] = 300.0
     """Seconds a weight sync may take before the run stops with an error naming the engine."""
+    max_restarts: NonNegative = 3
+    """Times Ray restarts a dead engine; the restarted engine gets the current weights and redoes its lost shard."""
 
 
 @dataclass
@@ -217,6 +220,8 @@ class TrainConfig:
     """Keep only the newest N checkpoints (the optimizer state is 3× the weights); 0 = keep all."""
     seed: int = 0
     """Seed of the data sampler, the engines' sampling and the learners."""
+    max_skipped_steps: Positive = 3
+    """Stop the run after this many steps in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass
@@ -308,7 +313,10 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("loss.estimator", "'full' needs the full-vocabulary teacher of teacher.scorer='learner' "
                                            f"(got teacher.scorer={cfg.teacher.scorer!r}); "
                                            "the engine scorer gives only top-k logprobs: use estimator 'topk' or 'sampled'"))
-    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.template) if name is not None}
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.template) if name is not None}
+    except ValueError as e:  # e.g. a lone '{'
+        fields = {f"<{e}>"}
     if fields != {"prompt", "context"}:
         problems.append(("teacher.template", f"must use exactly the fields {{prompt}} and {{context}}, got {sorted(fields)}"))
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
@@ -387,10 +395,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -553,14 +566,16 @@ def _coerce_scalar(value: Any, tp: type, path: str, source: _Source) -> Any:
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         # YAML 1.1 reads `5e-4` (no dot) as a string; accept what float() reads, nothing looser.
         try:
-            return float(value)
-        except ValueError:
-            pass
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            source.fail(path, f"must be a finite number, got {value!r}")
     if tp is str and isinstance(value, str):
         return value
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]

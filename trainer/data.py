@@ -64,7 +64,20 @@ def _check_messages(value: list) -> Messages:
             raise _Invalid(f"message {i} is not {{'role': str, 'content': str}}: {message!r:.80}")
         if message["role"] not in CHAT_ROLES:
             raise _Invalid(f"message {i} has unknown role {message['role']!r} (allowed: {', '.join(sorted(CHAT_ROLES))})")
+        if message["role"] == "user" and not message["content"].strip():
+            raise _Invalid(f"message {i}: empty user content")
+        _check_unicode(message["content"], f"message {i}")
+    if not any(m["role"] == "user" for m in value):
+        raise _Invalid("no 'user' message (the teacher's context goes into the last one)")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_unicode(value: str, what: str):
+    # JSON can escape a lone surrogate (\ud800), which no tokenizer or UTF-8 writer accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Invalid(f"{what}: not valid Unicode ({e.reason} at character {e.start + 1})") from None
 
 
 def _text(record: dict, column: str, *, required: bool) -> str | None:
@@ -79,6 +92,7 @@ def _text(record: dict, column: str, *, required: bool) -> str | None:
         raise _Invalid(f"field '{column}': expected a string, got {type(value).__name__}")
     if not value.strip():
         raise _Invalid(f"field '{column}': empty string")
+    _check_unicode(value, f"field '{column}'")
     return value
 
 
@@ -126,6 +140,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
                 yield where, f"{path.name}:{lineno}", json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield where, "", _Invalid(f"not valid JSON: {e.msg} (column {e.colno})")
+            except RecursionError:
+                yield where, "", _Invalid("not valid JSON: nested too deeply")
 
 
 def _read_rows(path: Path, rows: list[dict]) -> Iterator[tuple[str, str, Any]]:
@@ -186,19 +202,23 @@ def load_examples(path: str | Path, columns: ColumnsConfig | None = None,
 
 
 def load_eval_sets(paths: str | list[str] | None, columns: ColumnsConfig | None = None,
-                   on_invalid: str = "error") -> list[Example]:
-    """One or several held-out sets, concatenated; an id that two sets share is an error, because
-    results are kept by id."""
+                   on_invalid: str = "error") -> tuple[list[Example], DataReport | None]:
+    """One or several held-out sets, concatenated, with one report for all; an id that two sets
+    share is an error, because results are kept by id."""
     if not paths:
-        return []
-    examples, seen = [], {}
-    for path in dict.fromkeys([paths] if isinstance(paths, str) else paths):  # a set named twice counts once
-        for example in load_examples(path, columns, on_invalid)[0]:
+        return [], None
+    paths = list(dict.fromkeys([paths] if isinstance(paths, str) else paths))  # a set named twice counts once
+    examples, seen, report = [], {}, DataReport(", ".join(str(p) for p in paths))
+    for path in paths:
+        loaded, part = load_examples(path, columns, on_invalid)
+        report.skipped += part.skipped
+        for example in loaded:
             if example.id in seen:
                 raise DataError(f"{example.where}: duplicate id {example.id!r} across eval sets (also at {seen[example.id]})")
             seen[example.id] = example.where
             examples.append(example)
-    return examples
+    report.kept = len(examples)
+    return examples, report
 
 
 def fingerprint(examples: list[Example]) -> str:

@@ -19,3 +19,15 @@ class WeightSyncError(SelfDistillError, TimeoutError):
 
 class StaleRolloutError(SelfDistillError, RuntimeError):
     """A rollout came from other weights than the ones the driver last synced."""
+
+
+class EngineDiedError(SelfDistillError, RuntimeError):
+    """A rollout engine died and could not be restarted (or died more often than allowed)."""
+
+
+class LearnerDiedError(SelfDistillError, RuntimeError):
+    """A learner rank died; the message names the rank. The last checkpoint is the place to resume from."""
+
+
+class DivergedError(SelfDistillError, RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""

@@ -144,19 +144,27 @@ class Learner:
         # Dropout stays off: the engines sample without it, the health gap compares against them, and
         # a live teacher shares these weights and must score deterministically.
         self.engine.eval()
+        skipped_before = self.engine.skipped_steps
         for start in range(0, steps * mb, mb):
             chunk = slice(start, start + mb)
             if start >= len(rollouts):
                 chunk = slice(0, 0)
             loss, stats = self._micro_step(rollouts[chunk], teacher_prompts[chunk],
                                            scores[chunk] if scores is not None else None)
+            if not torch.isfinite(loss):
+                # DeepSpeed skips an optimizer step whose global gradient norm is not finite, on every
+                # rank alike (the norm is all-reduced), leaving weights, optimizer state and the lr
+                # schedule untouched. A non-finite loss can still have finite gradients (an Inf term
+                # whose gradient is 0); scaling by NaN makes them NaN, so the step is skipped too.
+                loss = loss * float("nan")
             # DeepSpeed divides by the accumulation steps and averages over ranks; undo both so that
             # the summed gradient is Σ token losses / total_tokens.
             self.engine.backward(loss * steps * self.world_size / max(total_tokens, 1))
             self.engine.step()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
-        if self.cfg.teacher.weights == "ema" and (self.teacher is not None or self.lora):
+        skipped = self.engine.skipped_steps > skipped_before
+        if self.cfg.teacher.weights == "ema" and (self.teacher is not None or self.lora) and not skipped:
             self._update_ema()
         tokens = max(sums.pop("tokens", 0.0), 1.0)
         metrics = {key: value / tokens for key, value in sums.items()}
@@ -164,6 +172,7 @@ class Learner:
         grad_norm = self.engine.get_global_grad_norm()
         metrics["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["learner/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["learner/skipped"] = float(skipped)
         return metrics
 
     def _micro_step(self, rollouts, teacher_prompts, scores) -> tuple[torch.Tensor, dict[str, float]]:

@@ -13,20 +13,22 @@ import logging
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 import rewards
 from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
-from trainer.checkpoint import read_state, resolve_resume, restore_sampler, save_checkpoint, summarize, truncate_logs
+from trainer.checkpoint import (data_summary, log_rollout_ids, read_state, resolve_resume, restore_sampler,
+                                save_checkpoint, summarize, truncate_logs)
 from trainer.cluster import LearnerGroup, build_engines, placement_report, start_ray
 from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_examples
+from trainer.health import SkippedSteps
 from trainer.metrics import MetricsLogger, timed
 from trainer.objectives import collect_rollouts, prepare_batch, uses_teacher
 from trainer.preemption import StopRequests
-from trainer.steps import (adapter_sync, encode_prompts, engine_adapters, evaluate, sample_records, score_on_engines,
-                           sync_weights)
+from trainer.steps import (adapter_sync, drop_overlong, encode_prompts, engine_adapters, evaluate, sample_records,
+                           score_on_engines, sync_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +53,18 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    train_set, _ = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
-    eval_set = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
-    sampler = PromptSampler(len(train_set), cfg.train.seed)
-    data_fingerprint = fingerprint(train_set)
+    train_set, train_report = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
+    eval_set, eval_report = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
     encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
     encoded_eval = encode_prompts(eval_set, tokenizer, cfg.teacher.template)
+    max_model_len = cfg.model.max_model_len or AutoConfig.from_pretrained(cfg.model.path).max_position_embeddings
+    train_set = drop_overlong(train_set, encoded_train, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                              train_report)
+    if eval_set:
+        eval_set = drop_overlong(eval_set, encoded_eval, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                                 eval_report)
+    sampler = PromptSampler(len(train_set), cfg.train.seed)
+    data_fingerprint = fingerprint(train_set)
     reward_fns = rewards.resolve(cfg.rewards)
 
     start_ray(cfg)
@@ -68,6 +76,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     learners = LearnerGroup(cfg)
     (run_dir / "placement.json").write_text(json.dumps(placement_report(cfg, students, teacher_engines, learners), indent=1))
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
+    skipped_steps, engine_restarts = SkippedSteps(cfg.train.max_skipped_steps), 0
     scoring_pool = teacher_engines or students
     student_adapter, teacher_adapter = engine_adapters(cfg)
     version, teacher_version, done = 0, 0, 0
@@ -114,10 +123,15 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                     with timed(metrics, "train"):
                         total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
                         metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
+                    metrics |= skipped_steps.update(step, bool(metrics.pop("learner/skipped")))
                     with timed(metrics, "sync"):
                         version += 1
                         teacher_version += cfg.teacher.weights == "ema"
                         sync_weights(cfg, learners, transport, students, teacher_engines, version, teacher_version)
+                    restarts = [r for pool in (students, frozen, teacher_engines) if pool for r in pool.drain_restarts()]
+                    engine_restarts += len(restarts)
+                    metrics["health/engine_restarts"] = float(engine_restarts)
+                    log_rollout_ids(run_dir, step, version - 1, rollouts, restarts)
                 done = step
                 metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
@@ -142,6 +156,12 @@ def train(cfg: Config, resume: str = "auto") -> dict:
             if group is not None:
                 group.close()
     summary = summarize(run_dir, saved, done, started, stopped_by=stop.signal_name)
+    summary["health"] = {"skipped_steps": skipped_steps.total, "engine_restarts": engine_restarts}
+    summary["data"] = {"train": data_summary(train_report)} | ({"eval": data_summary(eval_report)} if eval_set else {})
+    for report in (train_report, eval_report):
+        if report is not None and report.skipped:
+            logger.warning("%s: %d invalid record(s) skipped (data.on_invalid=skip), %d kept; first: %s",
+                           report.path, len(report.skipped), report.kept, report.skipped[0])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -10,7 +10,8 @@ from rollout.batch import Rollout, TeacherScores
 from rollout.pool import EnginePool
 from rollout.prompts import encode_prompt, teacher_prompt
 from trainer.config import Config
-from trainer.data import Example
+from trainer.data import DataReport, Example
+from trainer.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,32 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     so that rollouts are reproducible across resumes and engine restarts."""
     digest = hashlib.blake2b(f"{seed}:{step}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**31
+
+
+def drop_overlong(examples: list[Example], encoded: EncodedPrompts, max_model_len: int, max_tokens: int,
+                  on_invalid: str, report: DataReport) -> list[Example]:
+    """Keeps the examples whose student and teacher prompts leave room for `max_tokens` completion
+    tokens within `max_model_len`. Any other is a DataError naming its file, line and field, or, with
+    on_invalid='skip', is counted in `report`. (vLLM would refuse such a prompt in the middle of a step.)"""
+    budget = max_model_len - max_tokens
+    kept = []
+    for e in examples:
+        problem = None
+        for who, ids, field in (("student", encoded.student, "prompt"), ("teacher", encoded.teacher, "context")):
+            if len(ids[e.id]) > budget:
+                problem = (f"field '{field}': the {who} prompt is {len(ids[e.id])} tokens; with rollout.max_tokens="
+                           f"{max_tokens} it does not fit model.max_model_len={max_model_len}")
+                break
+        if problem is None:
+            kept.append(e)
+        elif on_invalid == "error":
+            raise DataError(f"{e.where}: {problem}")
+        else:
+            report.skipped.append(f"{e.where}: {problem}")
+    report.kept = len(kept)
+    if not kept:
+        raise DataError(f"{report.path}: no valid records ({len(report.skipped)} skipped)")
+    return kept
 
 
 def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, cfg: Config,
@@ -118,10 +145,10 @@ def sync_weights(cfg: Config, learners, transport, students: EnginePool, teacher
                  version: int, teacher_version: int) -> None:
     """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it scores."""
     if adapter_sync(cfg):
-        transport.sync(learners.export_adapter("student"), students.named, version, adapter=STUDENT_ADAPTER)
+        students.sync(transport, learners.export_adapter("student"), version, adapter=STUDENT_ADAPTER)
         if cfg.teacher.weights == "ema" and cfg.teacher.scorer == "engine":
-            transport.sync(learners.export_adapter("teacher"), students.named, teacher_version, adapter=TEACHER_ADAPTER)
+            students.sync(transport, learners.export_adapter("teacher"), teacher_version, adapter=TEACHER_ADAPTER)
         return
-    transport.sync(learners.export("student"), students.named, version)
+    students.sync(transport, learners.export("student"), version)
     if teacher_engines is not None and cfg.teacher.weights == "ema":
-        transport.sync(learners.export("teacher"), teacher_engines.named, teacher_version)
+        teacher_engines.sync(transport, learners.export("teacher"), teacher_version)
