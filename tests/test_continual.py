@@ -149,7 +149,7 @@ def _cli(*args, log: Path, ray_address: str) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+def _finish(process: subprocess.Popen, log: Path, timeout: float = 1800) -> str:
     assert process.wait(timeout=timeout) == 0, log.read_text()[-4000:]
     return log.read_text()
 
