@@ -249,7 +249,9 @@ def _expose_interpreter():
     the sandbox uid: bind it read-only under the private /tmp and point sys.path there."""
     import subprocess as sp
     for i, prefix in enumerate(sorted({sys.base_prefix, sys.prefix})):
-        if _traversable_by_others(prefix):
+        # A prefix under a scratch directory (a venv in /tmp) is hidden by the private tmpfs by now;
+        # the child needs only the standard library, which lives under the base prefix.
+        if not os.path.isdir(prefix) or _traversable_by_others(prefix):
             continue
         target = f"/tmp/.python-{i}"
         os.makedirs(target)

@@ -14,6 +14,7 @@ bundle per actor, packed onto as few nodes as possible or spread across nodes (`
 import logging
 import os
 import socket
+import uuid
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
@@ -68,7 +69,9 @@ def actor_resources(gpu: bool) -> dict[str, float]:
 def place(cfg: Config, count: int, gpu: bool, name: str) -> PlacementGroup:
     """A placement group of `count` one-actor bundles, or an error saying what did not fit."""
     bundle = actor_resources(gpu)
-    group = placement_group([bundle] * count, strategy=STRATEGIES[cfg.ray.placement], name=name)
+    # Named for the dashboard; the suffix keeps names unique on a cluster that runs several jobs.
+    group = placement_group([bundle] * count, strategy=STRATEGIES[cfg.ray.placement],
+                            name=f"{cfg.name}-{name}-{uuid.uuid4().hex[:8]}")
     if not group.wait(timeout_seconds=cfg.ray.placement_timeout_s):
         ray.util.remove_placement_group(group)
         raise SelfDistillError(
