@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import keyword
 import math
 import re
 import string
@@ -153,7 +154,7 @@ class LossConfig:
     clip_tau: Annotated[float, Range(gt=0)] | None = None
     """OPSD per-vocabulary-entry clip τ on the divergence terms; null = off."""
     is_cap: Annotated[float, Range(ge=1)] | None = None
-    """Cap of the truncated importance weight between engine and learner logprobs (SDFT: 2); null = off."""
+    """Cap of the truncated importance weight w = min(π_learner(y)/π_engine(y), cap) of each sampled token, which corrects every loss term for the gap between the engine's (behaviour) and the learner's policy: numerics, or `train.async`'s one-step lag (SDFT: 2); null = off."""
     mode: Literal["distill", "sft", "grpo", "ssd"] = "distill"
     """Training objective: `distill` (self-distillation from the teacher), `sft` (cross-entropy on the record's demonstration, no sampling), `grpo` (group-normalized reward policy gradient alone), `ssd` (cross-entropy on samples of the frozen starting model, shortest dropped)."""
     rl_coef: Annotated[float, Range(ge=0)] = 0.0
@@ -222,6 +223,8 @@ class TrainConfig:
     """Seed of the data sampler, the engines' sampling and the learners."""
     max_skipped_steps: Positive = 3
     """Stop the run after this many steps in a row skipped for a non-finite loss or gradient."""
+    async_: bool = False
+    """One-step off-policy: the engines sample step t+1 while the learners train step t. The policy lag is at most 1 (enforced) and `loss.is_cap`'s truncated importance weight corrects for it (required)."""
 
 
 @dataclass
@@ -356,6 +359,11 @@ def _objective_problems(cfg: Config) -> list[tuple[str, str]]:
     fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.sibling_template) if name is not None}
     if "solution" not in fields or not fields <= {"solution", "feedback"}:
         problems.append(("teacher.sibling_template", f"must use {{solution}} and may use {{feedback}}, got {sorted(fields)}"))
+    if cfg.train.async_ and mode == "sft":
+        problems.append(("train.async", "loss.mode='sft' samples nothing: there is no generation to overlap"))
+    if cfg.train.async_ and mode in ("distill", "grpo") and cfg.loss.is_cap is None:
+        problems.append(("loss.is_cap", "train.async trains on rollouts one policy version old; set the truncated "
+                                        "importance weight's cap that corrects for it (e.g. 2.0)"))
     if mode == "sft" and cfg.rollout.n != 1:
         problems.append(("rollout.n", f"loss.mode='sft' trains on one demonstration per prompt: needs 1, got {cfg.rollout.n}"))
     if mode == "sft" and cfg.loss.sft_target == "answer" and cfg.data.columns.answer is None:
@@ -427,7 +435,22 @@ def config_from_dict(data: dict) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return _to_dict(cfg)
+
+
+def _to_dict(value: Any) -> Any:
+    """dataclasses.asdict, with the YAML key of each field (`train.async` for the field `async_`)."""
+    if dataclasses.is_dataclass(value):
+        return {_key(f.name): _to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_to_dict(v) for v in value]
+    return value
+
+
+def _key(field_name: str) -> str:
+    """A field's config key: its name, less the trailing `_` of a name that is a Python keyword (`async_`)."""
+    bare = field_name.removesuffix("_")
+    return bare if field_name.endswith("_") and keyword.iskeyword(bare) else field_name
 
 
 def dump_config(cfg: Config) -> str:
@@ -493,11 +516,11 @@ def _build(cls, data: Any, prefix: str, source: _Source):
     if not isinstance(data, dict):
         source.fail(prefix or "<top level>", f"expected a mapping of fields, got {data!r}")
     hints = get_type_hints(cls, include_extras=True)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {_key(f.name): f.name for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
-            source.fail(_join(prefix, key), f"unknown key{_suggest(str(key), names, prefix)}")
-    values = {name: _coerce(data[name], hints[name], _join(prefix, name), source) for name in names if name in data}
+        if key not in fields:
+            source.fail(_join(prefix, key), f"unknown key{_suggest(str(key), list(fields), prefix)}")
+    values = {name: _coerce(data[key], hints[name], _join(prefix, key), source) for key, name in fields.items() if key in data}
     try:
         return cls(**values)
     except ConfigError as e:  # cross-field problems: add where each field was set
@@ -604,7 +627,7 @@ def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     hints = get_type_hints(cls, include_extras=True)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        path = _join(prefix, f.name)
+        path = _join(prefix, _key(f.name))
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(reference(hints[f.name], path))

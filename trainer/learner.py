@@ -210,6 +210,7 @@ class Learner:
             with torch.no_grad():
                 stats = {"tokens": mask_T.sum().item(), "rl/pg_loss": torch.where(mask_T, rl_T, 0.0).sum().item(),
                          "health/engine_trainer_logprob_gap": torch.where(mask_T, (rollout_token_lp - engine_lp).abs(), 0.0).sum().item()}
+                stats |= self._importance_stats(rollout_token_lp, engine_lp, mask_T)
             return torch.where(mask_T, rl_T, 0.0).sum(), stats
 
         teacher_logits = None
@@ -228,6 +229,13 @@ class Learner:
 
         per_token = self._per_token_loss(student_logits, teacher_logits, student_token_lp, teacher_token_lp,
                                          student_topk_lp, topk_lp, rollout_token_lp, engine_lp)
+        if loss_cfg.is_cap is not None and loss_cfg.estimator != "sampled":
+            # full and top-k take the expectation over y_t exactly, at prefixes the engine's policy drew:
+            # the learner's policy may have moved since (train.async's lag, numerics), so each position
+            # is reweighted by its prefix's truncated importance weight (the sampled estimator and the
+            # RL term weight their own token instead)
+            per_token = losses.prefix_importance_weights(rollout_token_lp, engine_lp, [len(c) for c in completions],
+                                                         cap=loss_cfg.is_cap) * per_token
         # no distillation where the sibling context found no successful sibling; the RL term stays
         distill_T = torch.tensor([r.distill for r in rollouts for _ in r.completion_ids], device=self.device)
         per_token = torch.where(distill_T, per_token, 0.0)
@@ -244,11 +252,22 @@ class Learner:
                 "distill/student_logprob": total(student_token_lp),
                 "health/engine_trainer_logprob_gap": total((rollout_token_lp - engine_lp).abs()),
             }
+            stats |= self._importance_stats(rollout_token_lp, engine_lp, mask_T)
             if student_topk_lp is not None:
                 stats["distill/topk_mass"] = total(losses.topk_mass(student_topk_lp))
             if rl_T is not None:
                 stats["rl/pg_loss"] = total(rl_T)
         return loss, stats
+
+    def _importance_stats(self, rollout_token_lp, engine_lp, mask_T) -> dict[str, float]:
+        """Token sums of the per-token importance weight π_learner/π_engine and of its capped share,
+        when loss.is_cap is set: how far the engines' policy is from the learner's."""
+        cap = self.cfg.loss.is_cap
+        if cap is None:
+            return {}
+        weights = losses.importance_weights(rollout_token_lp, engine_lp)
+        return {"health/is_weight": torch.where(mask_T, weights, 0.0).sum().item(),
+                "health/is_capped_fraction": torch.where(mask_T, weights > cap, False).sum().item()}
 
     def _student_dropout(self):
         """LoRA dropout, when configured, is on in the student's training forward only."""

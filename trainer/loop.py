@@ -27,6 +27,7 @@ from trainer.health import SkippedSteps
 from trainer.metrics import MetricsLogger, timed
 from trainer.objectives import collect_rollouts, prepare_batch, uses_teacher
 from trainer.preemption import StopRequests
+from trainer.rollout_feed import MAX_POLICY_LAG, RolloutFeed
 from trainer.steps import (adapter_sync, drop_overlong, encode_prompts, engine_adapters, evaluate, sample_records,
                            score_on_engines, sync_weights)
 
@@ -80,6 +81,10 @@ def train(cfg: Config, resume: str = "auto") -> dict:
     scoring_pool = teacher_engines or students
     student_adapter, teacher_adapter = engine_adapters(cfg)
     version, teacher_version, done = 0, 0, 0
+    feed = RolloutFeed(sampler, cfg.train.prompts_per_step,
+                       lambda examples, at_version, step: collect_rollouts(cfg, students, frozen, examples, encoded_train,
+                                                                           tokenizer, at_version, step, adapter=student_adapter),
+                       ahead=cfg.train.async_, max_lag=None if ssd else MAX_POLICY_LAG)
     try:
         if checkpoint:
             done, version, teacher_version = state["step"], state["policy_version"], state["teacher_version"]
@@ -99,7 +104,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
 
         def checkpoint_now(step: int) -> Path:
             driver_state = {"step": step, "policy_version": version, "teacher_version": teacher_version,
-                            "sampler": sampler.state_dict(), "data_fingerprint": data_fingerprint,
+                            "sampler": feed.sampler_state(), "data_fingerprint": data_fingerprint,
                             "data": str(cfg.data.train)}
             return save_checkpoint(learners, run_dir, driver_state, cfg.train.keep_checkpoints)
 
@@ -108,10 +113,11 @@ def train(cfg: Config, resume: str = "auto") -> dict:
             for step in range(done + 1, cfg.train.steps + 1):
                 metrics: dict[str, float] = {}
                 with timed(metrics, "step"):
-                    examples = [train_set[i] for i in sampler.next_indices(cfg.train.prompts_per_step)]
-                    with timed(metrics, "generate"):
-                        rollouts = collect_rollouts(cfg, students, frozen, examples, encoded_train, tokenizer,
-                                                    version, step, adapter=student_adapter)
+                    with timed(metrics, "generate"):  # async: only the wait for the prefetched step
+                        examples, rollouts, lag = feed.take(train_set, step, version)
+                    if step < cfg.train.steps:
+                        feed.prefetch(train_set, step + 1, version)  # async only: overlaps scoring and training
+                    metrics |= lag
                     batch = prepare_batch(cfg, reward_fns, examples, rollouts, encoded_train, tokenizer)
                     rollouts, teacher_prompts = batch.rollouts, batch.teacher_prompts
                     metrics |= batch.metrics
@@ -124,6 +130,8 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                         total_tokens = sum(max(0, len(r.completion_ids) - cfg.loss.mask_first_tokens) for r in rollouts)
                         metrics |= learners.train_step(rollouts, teacher_prompts, scores, total_tokens)
                     metrics |= skipped_steps.update(step, bool(metrics.pop("learner/skipped")))
+                    with timed(metrics, "generate_wait"):
+                        feed.wait()  # async: the engines finish step+1 on the old weights first
                     with timed(metrics, "sync"):
                         version += 1
                         teacher_version += cfg.teacher.weights == "ema"
@@ -152,6 +160,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                 saved = checkpoint_now(done)
         sink.close()
     finally:
+        feed.close()
         for group in (students, frozen, teacher_engines, learners):
             if group is not None:
                 group.close()

@@ -283,11 +283,50 @@ def policy_gradient(
     advantage_T = advantage_T.detach()
     ratio_T = torch.exp(logprob_T - logprob_T.detach())
     if old_logprob_T is not None:
-        weight_T = torch.exp(logprob_T.detach() - old_logprob_T.detach())
-        if is_cap is not None:
-            weight_T = weight_T.clamp(max=is_cap)
-        ratio_T = weight_T * ratio_T
+        ratio_T = importance_weights(logprob_T, old_logprob_T, cap=is_cap) * ratio_T
     return -advantage_T * ratio_T
+
+
+def importance_weights(logprob_T: torch.Tensor, behaviour_logprob_T: torch.Tensor, *,
+                       cap: float | None = None) -> torch.Tensor:
+    """Truncated importance weights w_t = min(π(y_t) / μ(y_t), cap) of tokens sampled from μ, detached.
+
+    Args:
+        logprob_T: [T] log π(y_t) under the policy being trained.
+        behaviour_logprob_T: [T] log μ(y_t) under the policy that sampled y_t (the rollout engine's).
+        cap: the truncation; None = the plain ratio.
+
+    Returns:
+        w_T [T]. Uncapped, E_{y~μ}[w(y) f(y)] = E_{y~π}[f(y)]; the cap bounds the variance at the cost
+        of a bias towards μ where π ≫ μ. Per token, not the product over the prefix (the usual
+        truncated-IS approximation of veRL/TIS and SDFT; the prefix product's variance grows with length).
+    """
+    weight_T = torch.exp(logprob_T.detach() - behaviour_logprob_T.detach())
+    return weight_T if cap is None else weight_T.clamp(max=cap)
+
+
+def prefix_importance_weights(logprob_T: torch.Tensor, behaviour_logprob_T: torch.Tensor, lengths: list[int], *,
+                              cap: float | None = None) -> torch.Tensor:
+    """Truncated importance weights of each position's prefix, for losses that take the expectation
+    over the next token exactly (full and top-k divergences) at positions sampled by μ.
+
+    Args:
+        logprob_T, behaviour_logprob_T: [T] log π(y_t) and log μ(y_t) of the sampled tokens of several
+            sequences laid end to end (detached here).
+        lengths: each sequence's token count (they sum to T).
+        cap: the truncation; None = the plain product.
+
+    Returns:
+        w_T [T] with w_t = min(Π_{s<t} π(y_s)/μ(y_s), cap) within each sequence (1 at its first position):
+        the prefix y_<t was drawn from μ, and the loss at t depends on y_<t only.
+    """
+    log_ratio_T = logprob_T.detach() - behaviour_logprob_T.detach()
+    weights = []
+    for part in torch.split(log_ratio_T, lengths):
+        exclusive = torch.cat([part.new_zeros(1), torch.cumsum(part, 0)[:-1]])
+        weights.append(exclusive.exp())
+    weight_T = torch.cat(weights) if weights else log_ratio_T
+    return weight_T if cap is None else weight_T.clamp(max=cap)
 
 
 def group_advantages(rewards_G: torch.Tensor, group_size: int, *, scale: bool = True,
