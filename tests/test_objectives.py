@@ -108,6 +108,8 @@ def test_sibling_batch_marks_samples_without_a_successful_sibling(toy_world, tok
     encoded = encode_prompts(examples, tokenizer, cfg.teacher.template)
     batch = prepare_batch(cfg, resolve(cfg.rewards), examples, rollouts, encoded, tokenizer)
     assert [r.distill for r in batch.rollouts] == [False, True, False, False]
+    assert batch.rewards == [{"answer_match": 1.0}, {"answer_match": 0.0}, {"answer_match": 0.0},
+                             {"answer_match": 0.0}]  # what samples.jsonl shows, computed once
     assert tokenizer.decode(batch.teacher_prompts[1]) == "132\nQ:47+85="  # the successful sibling as context
     assert batch.metrics["teacher/no_sibling_fraction"] == 0.75
 

@@ -150,7 +150,7 @@ def train(cfg: Config, resume: str = "auto") -> dict:
                 if cfg.log.samples_every and step % cfg.log.samples_every == 0:
                     with (run_dir / "samples.jsonl").open("a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in sample_records(step, examples, rollouts, scores, tokenizer,
-                                                                                  reward_fns))
+                                                                                  batch.rewards))
                 if stop.requested:
                     logger.warning("%s received: stopping after step %d with a checkpoint", stop.signal_name, step)
                     break

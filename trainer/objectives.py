@@ -187,6 +187,8 @@ class StepBatch:
     rollouts: list[Rollout]
     teacher_prompts: list[list[int]]
     metrics: dict[str, float]
+    rewards: list[dict[str, float]]
+    """Each rollout's reward values by function name (the skipped ones left out), for samples.jsonl."""
 
 
 def prepare_batch(cfg: Config, reward_fns: dict, examples: list[Example], rollouts: list[Rollout],
@@ -194,15 +196,21 @@ def prepare_batch(cfg: Config, reward_fns: dict, examples: list[Example], rollou
     """Rewards and their curves, then what the mode makes of the rollouts (see the module docstring)."""
     metrics: dict[str, float] = {}
     table = None
+    rewards: list[dict[str, float]] = [{} for _ in rollouts]
     if cfg.loss.mode != "sft" and reward_fns:  # SFT trains on the demonstrations: nothing to score
         table = score_rewards(reward_fns, examples, rollouts, tokenizer)
         metrics |= table.metrics()
+        rewards = [{name: values[i] for name, values in table.values.items() if values[i] is not None}
+                   for i in range(len(rollouts))]
     metrics["rollout/len_mean"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
     if uses_rl(cfg):
         rollouts, rl_metrics = with_advantages(rollouts, table, cfg.rollout.n)
         metrics |= rl_metrics
     if cfg.loss.mode == "ssd":
-        rollouts, ssd_metrics = drop_shortest(rollouts, cfg.loss.ssd_drop_shortest)
+        kept, ssd_metrics = drop_shortest(rollouts, cfg.loss.ssd_drop_shortest)
+        kept_ids = {id(r) for r in kept}
+        rewards = [values for r, values in zip(rollouts, rewards, strict=True) if id(r) in kept_ids]
+        rollouts = kept
         metrics |= ssd_metrics
     rollouts, teacher_prompts, teacher_metrics = teacher_inputs(cfg, examples, rollouts, table, encoded, tokenizer)
-    return StepBatch(rollouts, teacher_prompts, metrics | teacher_metrics)
+    return StepBatch(rollouts, teacher_prompts, metrics | teacher_metrics, rewards)

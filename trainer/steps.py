@@ -80,19 +80,18 @@ def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts:
 
 
 def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], scores: list[TeacherScores] | None,
-                   tokenizer, functions: dict, count: int = 4) -> list[dict]:
+                   tokenizer, rewards: list[dict[str, float]], count: int = 4) -> list[dict]:
     """The first `count` rollouts of the step as readable records for `samples.jsonl`: prompt,
-    completion and its tokens, rewards, and per token the student's sampling logprob and (when the
-    engine scored) the teacher's logprob of that same token. `scores[i]` belongs to `rollouts[i]`."""
+    completion and its tokens, rewards (as the step computed them), and per token the student's
+    sampling logprob and (when the engine scored) the teacher's logprob of that same token.
+    `scores[i]` and `rewards[i]` belong to `rollouts[i]`."""
     by_id = {e.id: e for e in examples}
     chosen = rollouts[:count]
     rows = [by_id[r.example_id] for r in chosen]
     completions = tokenizer.batch_decode([r.completion_ids for r in chosen], skip_special_tokens=True)
-    columns = {"answer": [e.answer for e in rows], "context": [e.context for e in rows], "task": [e.task for e in rows]}
-    rewards = {name: fn([e.prompt for e in rows], completions, **columns) for name, fn in functions.items()}
     records = []
     for i, (rollout, example, completion) in enumerate(zip(chosen, rows, completions, strict=True)):
-        values = {name: column[i] for name, column in rewards.items() if column[i] is not None}
+        values = rewards[i]
         record = {"step": step, "id": example.id, "task": example.task, "prompt": example.prompt,
                   "answer": example.answer, "completion": completion,
                   "reward": statistics.fmean(values.values()) if values else None, "rewards": values,
