@@ -68,16 +68,16 @@ class RolloutEngine:
         self._adapter_dir = tempfile.mkdtemp(prefix="selfdistill-adapters-") if max_lora_rank else None
 
     def generate(self, prompt_ids: list[list[int]], example_ids: list[str], seeds: list[int] | None = None, *,
-                 n: int = 1, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = -1, adapter: str | None = None) -> list[Rollout]:
+                 n: int = 1, max_tokens: int = 16, min_tokens: int = 0, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, adapter: str | None = None) -> list[Rollout]:
         """Samples `n` completions per prompt; returns them prompt by prompt, in order.
 
         With `seeds` (one per prompt) each prompt's samples depend only on its seed and the weights,
         not on the engine's history or the batch it shares: a resumed run or a redone shard draws
         exactly the same rollouts."""
         from vllm import SamplingParams, TokensPrompt
-        common = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      logprobs=0, detokenize=False)
+        common = dict(n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
+                      top_k=top_k, logprobs=0, detokenize=False)
         params = SamplingParams(**common) if seeds is None else [SamplingParams(**common, seed=s) for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False,
                                     lora_request=self._adapters.get(adapter))

@@ -72,6 +72,7 @@ def test_bad_choice_names_value_and_choices(tmp_path):
     ("log.tensorboard=1", "log.tensorboard: expected true or false, got 1 (int)"),
     ("learner.zero_stage=1", "learner.zero_stage: 1 is not one of 2, 3"),
     ("rollout.top_k=0", "rollout.top_k: must be -1 (off) or >= 1, got 0"),
+    ("rollout.min_tokens=9", "rollout.min_tokens: must be at most rollout.max_tokens=8, got 9"),
     ("model.path=null", "model.path: is required"),
     ("teacher.template={prompt}", "teacher.template: must use exactly the fields {prompt} and {context}"),
     ("loss.estimator=full", "loss.estimator: 'full' needs the full-vocabulary teacher of teacher.scorer='learner'"),

@@ -173,6 +173,8 @@ class RolloutConfig:
     """Completions sampled per prompt."""
     max_tokens: Positive = 16
     """Longest completion, in tokens."""
+    min_tokens: NonNegative = 0
+    """Shortest completion, in tokens: end-of-sequence is not sampled before it (vLLM `min_tokens`); 0 = off. For benchmarks that need long completions from an untrained model."""
     temperature: Annotated[float, Range(gt=0)] = 1.0
     """Sampling temperature; the teacher's and the learner's logits are divided by the same value."""
     top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
@@ -322,6 +324,9 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
         fields = {f"<{e}>"}
     if fields != {"prompt", "context"}:
         problems.append(("teacher.template", f"must use exactly the fields {{prompt}} and {{context}}, got {sorted(fields)}"))
+    if cfg.rollout.min_tokens > cfg.rollout.max_tokens:
+        problems.append(("rollout.min_tokens", f"must be at most rollout.max_tokens={cfg.rollout.max_tokens}, "
+                                               f"got {cfg.rollout.min_tokens}"))
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
         problems.append(("rollout.top_k", f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}"))
     if cfg.loss.estimator == "sampled" and cfg.loss.divergence != "reverse_kl":

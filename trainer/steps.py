@@ -67,8 +67,8 @@ def sample_rollouts(pool: EnginePool, examples: list[Example], encoded: EncodedP
     r = cfg.rollout
     return pool.generate([encoded.student[e.id] for e in examples], [e.id for e in examples],
                          expected_version=version, seeds=[rollout_seed(cfg.train.seed, step, i) for i in range(len(examples))],
-                         n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                         adapter=adapter)
+                         n=r.n, max_tokens=r.max_tokens, min_tokens=r.min_tokens, temperature=r.temperature,
+                         top_p=r.top_p, top_k=r.top_k, adapter=adapter)
 
 
 def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts: list[list[int]],
