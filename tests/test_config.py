@@ -153,6 +153,13 @@ def test_lora_refuses_empty_targets_and_unknown_sync():
         load_config(ROOT / "configs" / "toy-lora.yaml", ["model.lora.sync=merge"])
 
 
+def test_the_transformers_backend_takes_merged_lora_weights_only():
+    assert load_config(TOY, ["rollout.backend=transformers"]).rollout.backend == "transformers"
+    with pytest.raises(ConfigError, match="model.lora.sync: 'adapter' needs vLLM's LoRA serving"):
+        load_config(ROOT / "configs" / "toy-lora.yaml", ["rollout.backend=transformers"])
+    assert load_config(ROOT / "configs" / "toy-lora.yaml", ["rollout.backend=transformers", "model.lora.sync=merged"])
+
+
 KEYS = [path for path, _, _, _ in reference()]
 YAML_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) \
     | st.lists(st.text(max_size=5), max_size=2) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)

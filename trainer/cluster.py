@@ -1,5 +1,6 @@
-"""Where the actors come from: the one place that wraps `RolloutEngine` and `Learner` in
-`ray.remote`, starts them, and wires the learners' process group.
+"""Where the actors come from: the one place that wraps the rollout engines (`RolloutEngine`, or
+`TransformersEngine` under `rollout.backend=transformers`) and `Learner` in `ray.remote`, starts
+them, and wires the learners' process group.
 
 Engines for the student always exist. A separate teacher engine exists when the engine scores with
 weights other than the student's (`teacher.scorer=engine` with `initial` or `ema` weights); a `live`
@@ -22,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray.exceptions import RayActorError
 
 from rollout.engine import RolloutEngine
+from rollout.hf_engine import TransformersEngine
 from rollout.pool import EnginePool, shards
 from trainer.adapters import vllm_max_lora_rank
 from trainer.config import Config, config_to_dict
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 ACTOR_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                   "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+# One thread, as the learners take: engines and learners share the cores, and a tiny model's
+# matmuls gain nothing from a second thread that another actor is using.
+CPU_TRANSFORMERS_ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
+ENGINES = {"vllm": (RolloutEngine, CPU_ENGINE_ENV), "transformers": (TransformersEngine, CPU_TRANSFORMERS_ENGINE_ENV)}
 
 
 def start_ray(cfg: Config):
@@ -93,10 +99,11 @@ def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     gpu = _has_gpus()
     group = place(cfg, count, gpu, f"{name}-engines")
     # A dead engine is restarted by Ray; the pool gives it the current weights and redoes its shard.
-    remote = ray.remote(RolloutEngine)
+    engine_cls, cpu_env = ENGINES[cfg.rollout.backend]
+    remote = ray.remote(engine_cls)
     max_len = cfg.model.max_model_len
     actors = [remote.options(max_restarts=cfg.rollout.max_restarts,
-                             **_actor_options(gpu, group, i, None if gpu else CPU_ENGINE_ENV)).remote(
+                             **_actor_options(gpu, group, i, None if gpu else cpu_env)).remote(
                   cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
                   max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                   tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))

@@ -167,8 +167,10 @@ class LossConfig:
 
 @dataclass
 class RolloutConfig:
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """What the engines run: vLLM, or a plain transformers model with a KV cache, for tiny models on CPU where vLLM's fixed per-step cost (decode iteration, prompt-logprob scoring, in-place reload) dominates; `transformers` serves no LoRA adapters (use `model.lora.sync=merged`)."""
     engines: Positive = 1
-    """Number of vLLM engine actors."""
+    """Number of engine actors."""
     n: Positive = 1
     """Completions sampled per prompt."""
     max_tokens: Positive = 16
@@ -339,6 +341,9 @@ def cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
     problems += _objective_problems(cfg)
     if not cfg.model.lora.target_modules:
         problems.append(("model.lora.target_modules", "must name at least one module, or be [all-linear]"))
+    if cfg.rollout.backend == "transformers" and cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter":
+        problems.append(("model.lora.sync", "'adapter' needs vLLM's LoRA serving; rollout.backend='transformers' "
+                                            "takes merged weights only: set model.lora.sync=merged"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
     return problems
