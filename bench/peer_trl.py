@@ -27,10 +27,12 @@ training; one optimizer step per batch of 64 (selfdistill `learner.micro_batch=6
 orders (TRL's sampler, ours), so toy completion lengths differ a little; tokens/s allows for that.
 
 selfdistill runs in this process through `trainer.loop.train` (configs/toy.yaml plus the overrides
-in `run_selfdistill`) on one local Ray: a student vLLM engine actor and one DeepSpeed ZeRO-2 learner
+in `selfdistill_overrides`) on one local Ray: a student engine actor and one DeepSpeed ZeRO-2 learner
 actor, each on one thread (the trainer's choice on CPU), with `teacher.scorer=learner`: the learner's
 frozen copy scores the full vocabulary, as TRL's teacher forward does (the engine scorer gives only
-top-k, and needs a third actor); no evaluation, sample log or TensorBoard. TRL's
+top-k, and needs a third actor); no evaluation, sample log or TensorBoard. The student engine is
+vLLM at the bench size and the transformers engine (`rollout.backend=transformers`) at the toy size,
+where vLLM's fixed cost per decode iteration (tens of ms whatever the batch) dominates. TRL's
 `trl.experimental.sdft.SDFTTrainer` runs in a fresh subprocess per run (which isolates its vLLM),
 with `gradient_checkpointing=False` and `bf16=False` (TRL's defaults turn both on, which is slower
 here and not float32), in three modes:
@@ -63,8 +65,9 @@ each ratio = selfdistill tokens/s ÷ TRL's (fastest mode) tokens/s, and ratio th
 Time: a bench-size step costs about 1.5 TFLOP (the 20M model over 64 × 136-164 tokens: generate,
 teacher forward, train), about 40 s (TRL hf) to 60 s (one thread: selfdistill, TRL hf1 and vllm) on
 an idle 2-core machine, and each run starts up for 20-60 s. One bench round (1 warm-up + 1 measured
-step, four runs) is therefore about 9 minutes and the defaults (toy: 2 rounds of 2 + 8 steps; bench:
-1 round) about 15; `--trl-modes`, `--sizes toy` or fewer rounds shorten it. On a shared machine the
+step; selfdistill, TRL hf and TRL vllm) is therefore about 7 minutes and the defaults (toy: 1 round of
+2 + 8 steps; bench: 1 round; modes hf and vllm) about 10; `--trl-modes hf1`, more rounds or steps
+lengthen it. On a shared machine the
 numbers are noisy, and only the ratios within one run mean much.
 """
 
@@ -99,11 +102,12 @@ class Size:
     max_tokens: int
     min_tokens: int
     positions: int  # the bench model's context; prompt (≤ 40 tokens with the worked solution) + completion
+    backend: str  # selfdistill's rollout.backend: vLLM's per-step cost dominates a tiny model's generation
 
 
-SIZES = {"toy": Size(max_tokens=8, min_tokens=0, positions=128),
-         "bench": Size(max_tokens=128, min_tokens=128, positions=256)}
-DEFAULT_PLANS = {"toy": (2, 2, 8), "bench": (1, 1, 1)}
+SIZES = {"toy": Size(max_tokens=8, min_tokens=0, positions=128, backend="transformers"),
+         "bench": Size(max_tokens=128, min_tokens=128, positions=256, backend="vllm")}
+DEFAULT_PLANS = {"toy": (1, 2, 8), "bench": (1, 1, 1)}
 """(rounds, warm-up steps, measured steps) per size. A bench-size step is about 40-60 s here."""
 
 
@@ -137,22 +141,26 @@ def steady(steps: list[tuple[float, float]]) -> tuple[float, float]:
 # selfdistill: the real trainer, in this process
 # ----------------------------------------------------------------------------------------------
 
+def selfdistill_overrides(size: str, name: str, out: Path, total_steps: int) -> list[str]:
+    """selfdistill's side of the comparison (configs/toy.yaml plus these), also what bench/phases.py times."""
+    s = SIZES[size]
+    return [f"name={name}", f"output_dir={out}", f"model.path={model_dir(size)}",
+            f"data.train={TOY / 'data' / 'addition' / 'train.jsonl'}", "data.eval=null",
+            f"train.steps={total_steps}", "train.eval_every=0", f"train.prompts_per_step={PROMPTS_PER_STEP}",
+            "train.save_every=0", "log.samples_every=0", "log.tensorboard=false",
+            f"rollout.max_tokens={s.max_tokens}", f"rollout.min_tokens={s.min_tokens}", "rollout.temperature=1.0",
+            f"rollout.backend={s.backend}", "teacher.weights=initial", "teacher.scorer=learner", "loss.estimator=full",
+            "loss.divergence=reverse_kl", "loss.is_cap=null", "loss.mask_first_tokens=0",
+            f"learner.lr={LR}", f"learner.warmup_steps={WARMUP_STEPS}", "learner.schedule=constant",
+            f"learner.micro_batch={PROMPTS_PER_STEP}", "learner.weight_decay=0", "learner.grad_clip=1.0"]
+
+
 def run_selfdistill(size: str, name: str, out: Path, warmup: int, steps: int) -> list[dict]:
     """One run of `warmup + steps` steps; the metrics of the last `steps`."""
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.metrics import read_metrics
-    s = SIZES[size]
-    overrides = [f"name={name}", f"output_dir={out}", f"model.path={model_dir(size)}",
-                 f"data.train={TOY / 'data' / 'addition' / 'train.jsonl'}", "data.eval=null",
-                 f"train.steps={warmup + steps}", "train.eval_every=0", f"train.prompts_per_step={PROMPTS_PER_STEP}",
-                 "train.save_every=0", "log.samples_every=0", "log.tensorboard=false",
-                 f"rollout.max_tokens={s.max_tokens}", f"rollout.min_tokens={s.min_tokens}", "rollout.temperature=1.0",
-                 "teacher.weights=initial", "teacher.scorer=learner", "loss.estimator=full",
-                 "loss.divergence=reverse_kl", "loss.is_cap=null", "loss.mask_first_tokens=0",
-                 f"learner.lr={LR}", f"learner.warmup_steps={WARMUP_STEPS}", "learner.schedule=constant",
-                 f"learner.micro_batch={PROMPTS_PER_STEP}", "learner.weight_decay=0", "learner.grad_clip=1.0"]
-    train(load_config(ROOT / "configs" / "toy.yaml", overrides))
+    train(load_config(ROOT / "configs" / "toy.yaml", selfdistill_overrides(size, name, out, warmup + steps)))
     gc.collect()  # drop the run's actor handles, so that Ray ends its engine and learner
     return [m for m in read_metrics(out / name) if m["step"] > warmup]
 
@@ -318,7 +326,7 @@ def main():
                             help=f"rounds of selfdistill and TRL, alternating, at the {size} size")
         parser.add_argument(f"--{size}-warmup", type=int, default=warmup, help="steps per run left out")
         parser.add_argument(f"--{size}-steps", type=int, default=steps, help="steps per run measured")
-    parser.add_argument("--trl-modes", nargs="+", default=list(TRL_MODES), choices=list(TRL_MODES),
+    parser.add_argument("--trl-modes", nargs="+", default=["hf", "vllm"], choices=list(TRL_MODES),
                         help="TRL modes to measure (hf: HF generate, torch's default threads; hf1: the same on one "
                              "thread; vllm: colocated vLLM); the fastest is compared")
     parser.add_argument("--out", default=str(ROOT / "runs" / "peer_trl"))

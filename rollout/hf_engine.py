@@ -107,9 +107,10 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], example_ids: list[str], seeds: list[int] | None = None, *,
-                 n: int = 1, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                 n: int = 1, max_tokens: int = 16, min_tokens: int = 0, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, adapter: str | None = None) -> list[Rollout]:
-        """Samples `n` completions per prompt; returns them prompt by prompt, in order.
+        """Samples `n` completions per prompt; returns them prompt by prompt, in order. EOS cannot be
+        drawn before `min_tokens` tokens (vLLM's `min_tokens`: masked before sampling).
 
         With `seeds` (one per prompt) each prompt's samples depend only on its seed, the weights and the
         sampling parameters: its rows draw their noise from a generator of their own."""
@@ -124,7 +125,8 @@ class TransformersEngine:
             raise ValueError(f"a prompt of {max(map(len, rows))} tokens leaves no room under max_model_len={self.max_model_len}")
         generators = self.generator if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
         tokens_BT, logprobs_BT, lengths_B, stopped_B = self._decode(
-            rows, budgets_B, generators, n=n, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+            rows, budgets_B, generators, n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p)
         owners = [example_id for example_id in example_ids for _ in range(n)]
         per_row = zip(owners, rows, tokens_BT.tolist(), logprobs_BT.tolist(), lengths_B.tolist(), stopped_B.tolist(),
                       strict=True)
@@ -133,7 +135,7 @@ class TransformersEngine:
                 for example_id, row, tokens, logprobs, length, stopped in per_row]
 
     def _decode(self, rows: list[list[int]], budgets_B: torch.Tensor, generators, *, n: int, max_tokens: int,
-                temperature: float, top_k: int, top_p: float):
+                min_tokens: int, temperature: float, top_k: int, top_p: float):
         """Batched decode with a KV cache over left-padded rows, until every row stopped (EOS, kept
         as its last token) or used its budget. Returns tokens_BT, logprobs_BT, lengths_B, stopped_B."""
         from transformers import DynamicCache
@@ -147,6 +149,8 @@ class TransformersEngine:
             logits_BV = self.model(input_ids=inputs.to(self.device), attention_mask=mask_BL.to(self.device),
                                    position_ids=positions_BL.to(self.device), past_key_values=cache, use_cache=True,
                                    logits_to_keep=1).logits[:, -1].cpu()
+            if t < min_tokens:
+                logits_BV[:, self.eos_ids] = float("-inf")
             logprobs_BV = sampling_logprobs(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
             if temperature < GREEDY_BELOW:
                 token_B = logits_BV.argmax(dim=-1)

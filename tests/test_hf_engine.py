@@ -171,6 +171,9 @@ def test_completions_stop_at_eos_or_at_the_length_budget(toy_world, engine, exam
     short = engine.generate(prompts, ids(examples), max_tokens=1, temperature=0.0)
     assert all(len(r.completion_ids) == 1 for r in short)
     assert [r.finish_reason for r in short] == ["stop" if r.completion_ids == [eos] else "length" for r in short]
+    # min_tokens: the toy model ends its ~4-token answers at EOS; held off, they run to max_tokens
+    long = engine.generate(prompts, ids(examples), max_tokens=8, min_tokens=8, temperature=1.0)
+    assert all(len(r.completion_ids) == 8 and eos not in r.completion_ids for r in long)
     capped = TransformersEngine(str(toy_world / "model"), max_model_len=len(prompts[0]) + 2)
     assert [len(r.completion_ids) for r in capped.generate(prompts[:1], ids(examples[:1]), max_tokens=8, temperature=0.0)] == [2]
 
