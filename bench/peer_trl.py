@@ -64,8 +64,8 @@ Time: a bench-size step costs about 1.5 TFLOP (the 20M model over 64 × 136-164 
 teacher forward, train), about 40 s (TRL hf) to 60 s (one thread: selfdistill, TRL hf1 and vllm) on
 an idle 2-core machine, and each run starts up for 20-60 s. One bench round (1 warm-up + 1 measured
 step, four runs) is therefore about 9 minutes and the defaults (toy: 2 rounds of 2 + 8 steps; bench:
-1 round) about 15; `--trl-modes`, `--sizes toy` or fewer rounds shorten it. On a shared machine the
-numbers are noisy, and only the ratios within one run mean much.
+1 round) about 15 (29 on a shared machine at load 3-10); `--trl-modes`, `--sizes toy` or fewer rounds
+shorten it. On a shared machine the numbers are noisy, and only the ratios within one run mean much.
 """
 
 import argparse
