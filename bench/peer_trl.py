@@ -67,8 +67,7 @@ teacher forward, train), about 40 s (TRL hf) to 60 s (one thread: selfdistill, T
 an idle 2-core machine, and each run starts up for 20-60 s. One bench round (1 warm-up + 1 measured
 step; selfdistill, TRL hf and TRL vllm) is therefore about 7 minutes and the defaults (toy: 1 round of
 2 + 8 steps; bench: 1 round; modes hf and vllm) about 10; `--trl-modes hf1`, more rounds or steps
-lengthen it. On a shared machine the
-numbers are noisy, and only the ratios within one run mean much.
+lengthen it. On a shared machine the numbers are noisy, and only the ratios within one run mean much.
 """
 
 import argparse
