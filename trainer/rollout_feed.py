@@ -41,7 +41,6 @@ def check_policy_lag(rollout_versions: set[int], learner_version: int, max_lag: 
 @dataclass
 class _Pending:
     step: int
-    version: int
     examples: list[Example]
     sampler_state: dict
     future: Future
@@ -69,7 +68,7 @@ class RolloutFeed:
             return
         examples, state = self._draw(dataset)
         future = self._executor.submit(self.sample, examples, version, step)
-        self._pending = _Pending(step, version, examples, state, future)
+        self._pending = _Pending(step, examples, state, future)
 
     def take(self, dataset: list[Example], step: int, version: int) -> tuple[list[Example], list[Rollout], dict[str, float]]:
         """The prompts and rollouts of `step`, trained at learner version `version`, and the lag metric."""
