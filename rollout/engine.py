@@ -26,10 +26,12 @@ def _quiet_rotary_reload_warning(record: logging.LogRecord) -> bool:
     return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
 
 
-def _set_cpu_environment():
-    # Must happen before vllm is imported in this process.
+def _set_cpu_environment(threads: int | None):
+    # Must happen before vllm is imported in this process: afterwards torch.set_num_threads is a no-op.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 class RolloutEngine:
@@ -42,16 +44,19 @@ class RolloutEngine:
     weights: `load_adapter` installs or replaces a named adapter, and `generate` / `score` take the
     adapter's name, or None for the base itself. An adapter never loaded reads as the base, which is
     what a fresh peft adapter (B = 0) is.
+
+    `cpu_threads` (CPU only) sets the engine's torch threads; None keeps OMP_NUM_THREADS (1 by default).
     """
 
     MAX_ADAPTERS = 2  # the student's and an EMA teacher's
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0):
+                 kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0,
+                 cpu_threads: int | None = None):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
-            _set_cpu_environment()
+            _set_cpu_environment(cpu_threads)
         from vllm import LLM
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_quiet_rotary_reload_warning)
         memory = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else \

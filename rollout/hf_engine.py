@@ -90,12 +90,15 @@ class TransformersEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0):
+                 kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0,
+                 cpu_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if max_lora_rank > 0:
             raise ValueError(f"the transformers engine serves no LoRA adapters (max_lora_rank={max_lora_rank}); "
                              "use rollout.backend=vllm or model.lora.sync=merged")
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(tokenizer or model_path)
         self.eos_ids = torch.tensor(sorted(eos_ids(self.model, tok)), dtype=torch.long)

@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 import ray
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout.batch import Rollout, TeacherScores
@@ -80,6 +81,9 @@ def test_non_finite_teacher_scores_skip_the_step_on_every_rank(toy_world, small_
         return out
 
     group = LearnerGroup(cfg)
+    # on CPU the ranks share the node's cores (a sync step's phases take turns)
+    threads = ray.get([a.__ray_call__.remote(lambda _: torch.get_num_threads()) for a in group.actors])
+    assert threads == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
     guard = SkippedSteps(limit=3)
 
     def step(number, teacher_scores):

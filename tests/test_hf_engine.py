@@ -208,3 +208,12 @@ def test_greedy_completions_equal_vllms(toy_world, engine, examples, tmp_path):
     rollouts = engine.generate([tokenizer(t)["input_ids"] for t in texts], [str(i) for i in range(len(texts))],
                                max_tokens=6, temperature=0.0)
     assert tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True) == vllm
+
+
+def test_cpu_threads_are_the_engines_torch_threads(toy_world):
+    before = torch.get_num_threads()
+    try:
+        TransformersEngine(str(toy_world / "model"), cpu_threads=before + 1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)

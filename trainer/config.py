@@ -189,6 +189,8 @@ class RolloutConfig:
     """Seconds a weight sync may take before the run stops with an error naming the engine."""
     max_restarts: NonNegative = 3
     """Times Ray restarts a dead engine; the restarted engine gets the current weights and redoes its lost shard."""
+    cpu_threads: Positive | None = None
+    """CPU only: torch threads per engine; null = its node's cores shared among the actors that compute at the same time (see `learner.cpu_threads`)."""
 
 
 @dataclass
@@ -209,6 +211,8 @@ class LearnerConfig:
     """Clip the gradient norm to this value; null = off."""
     micro_batch: Positive = 8
     """Sequences per forward/backward on one learner; larger batches accumulate gradients."""
+    cpu_threads: Positive | None = None
+    """CPU only: torch threads per learner rank; null = its node's cores divided by the actors that compute at the same time: the ranks (a sync step's phases run one after another), or with `train.async` the ranks and all engines."""
 
 
 @dataclass

@@ -86,14 +86,15 @@ class Learner:
     """One DeepSpeed rank. The teacher copy it holds (for `teacher.scorer=learner` or an EMA
     teacher) is in eval mode and never gets gradients."""
 
-    def __init__(self, config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, config: dict, rank: int, world_size: int, master_addr: str, master_port: int,
+                 cpu_threads: int = 1):
         self.cfg = cfg = config_from_dict(config)
         self.rank, self.world_size = rank, world_size
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(1)  # engines and other ranks share the cores
+            torch.set_num_threads(cpu_threads)  # the driver's share of the node's cores (trainer.cluster)
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig

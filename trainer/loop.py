@@ -20,7 +20,7 @@ from rewards.answer import answer_match
 from rollout.weights import ObjectStoreTransport
 from trainer.checkpoint import (data_summary, log_rollout_ids, read_state, resolve_resume, restore_sampler,
                                 save_checkpoint, summarize, truncate_logs)
-from trainer.cluster import LearnerGroup, build_engines, placement_report, start_ray
+from trainer.cluster import LearnerGroup, build_engines, needs_teacher_engine, placement_report, start_ray
 from trainer.config import Config, dump_config
 from trainer.data import PromptSampler, fingerprint, load_eval_sets, load_examples
 from trainer.health import SkippedSteps
@@ -28,17 +28,10 @@ from trainer.metrics import MetricsLogger, timed
 from trainer.objectives import collect_rollouts, prepare_batch, uses_teacher
 from trainer.preemption import StopRequests
 from trainer.rollout_feed import MAX_POLICY_LAG, RolloutFeed
-from trainer.steps import (adapter_sync, drop_overlong, encode_prompts, engine_adapters, evaluate, sample_records,
+from trainer.steps import (drop_overlong, encode_prompts, engine_adapters, evaluate, sample_records,
                            score_on_engines, sync_weights)
 
 logger = logging.getLogger(__name__)
-
-
-def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine holds the teacher's weights when the engine scores with non-live weights,
-    unless the student engines can serve them as an adapter (or no adapter: the base)."""
-    return (uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
-            and not adapter_sync(cfg))
 
 
 def train(cfg: Config, resume: str = "auto") -> dict:
