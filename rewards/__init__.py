@@ -7,7 +7,7 @@ completion, that a reward may fill with text for the SDPO teacher context. TRL's
 through their **kwargs, so they plug in unchanged by dotted path (`trl.rewards:think_format_reward`).
 """
 
-from rewards.answer import answer_match
+from rewards.answer import answer_match, load_math_verify
 from rewards.code import code_tests
 from rewards.format import format_reward
 
@@ -28,6 +28,8 @@ def resolve(names: list[str]) -> dict:
     for name in names:
         if name in BUILTIN:
             functions[name] = BUILTIN[name]
+            if name == "answer_match":
+                load_math_verify()
             continue
         module, sep, attribute = name.partition(":")
         if not sep or not module or not attribute:

@@ -2,6 +2,7 @@
 extracting a final answer from common formats; TRL's `accuracy_reward` (math-verify) for math,
 which handles \\boxed{}, LaTeX and equivalent forms."""
 
+import functools
 import re
 
 BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -52,13 +53,23 @@ def is_match(completion: str, answer: str) -> bool:
     return extracted is not None and _same(extracted, want)
 
 
+@functools.cache
+def load_math_verify():
+    """TRL's accuracy_reward, or None without math-verify. Its import takes about a second (sympy):
+    `rewards.resolve` calls this before a run starts, so no training step pays for it."""
+    from trl.import_utils import is_math_verify_available
+    if not is_math_verify_available():
+        return None
+    from trl.rewards import accuracy_reward
+    return accuracy_reward
+
+
 def _math_verify(texts: list[str], answers: list[str]) -> list[float | None]:
     """TRL's accuracy_reward (math-verify); None where math-verify is not installed or the gold
     answer does not parse."""
-    from trl.import_utils import is_math_verify_available
-    if not is_math_verify_available():
+    accuracy_reward = load_math_verify()
+    if accuracy_reward is None:
         return [None] * len(texts)
-    from trl.rewards import accuracy_reward
     return accuracy_reward([[{"role": "assistant", "content": t}] for t in texts], answers)
 
 

@@ -46,9 +46,9 @@ def test_sft_target_is_the_students_completion_with_eos(tokenizer):
 def test_drop_shortest_drops_the_shortest_fraction_in_order():
     rollouts = [rollout("a", range(n)) for n in (5, 1, 3, 2, 8, 2, 7, 4, 6, 9)]
     kept, metrics = drop_shortest(rollouts, 0.3)  # drops lengths 1, 2, 2 (ties by order)
-    assert [len(r.completion_ids) for r in kept] == [5, 3, 8, 7, 4, 6, 9]
+    assert kept == [0, 2, 4, 6, 7, 8, 9]  # lengths 5, 3, 8, 7, 4, 6, 9
     assert metrics == {"ssd/dropped_fraction": 0.3, "ssd/kept_len_min": 3.0}
-    assert drop_shortest(rollouts, 0.0)[0] == rollouts
+    assert drop_shortest(rollouts, 0.0)[0] == list(range(10))
 
 
 def test_sibling_contexts_come_from_successful_other_samples():

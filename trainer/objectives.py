@@ -65,15 +65,15 @@ def demonstration_rollouts(examples: list[Example], encoded: EncodedPrompts, tok
                     logprobs=[], policy_version=version, finish_reason="stop") for e in examples]
 
 
-def drop_shortest(rollouts: list[Rollout], fraction: float) -> tuple[list[Rollout], dict[str, float]]:
+def drop_shortest(rollouts: list[Rollout], fraction: float) -> tuple[list[int], dict[str, float]]:
     """SSD's filter: drops floor(fraction × N) of the samples, shortest completions first (ties by
-    order), keeping the rest in their order."""
+    order); returns the indices of the rest, in order."""
     count = math.floor(fraction * len(rollouts))
     by_length = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].completion_ids))
     dropped = set(by_length[:count])
-    kept = [r for i, r in enumerate(rollouts) if i not in dropped]
+    kept = [i for i in range(len(rollouts)) if i not in dropped]
     return kept, {"ssd/dropped_fraction": count / max(len(rollouts), 1),
-                  "ssd/kept_len_min": float(min((len(r.completion_ids) for r in kept), default=0))}
+                  "ssd/kept_len_min": float(min((len(rollouts[i].completion_ids) for i in kept), default=0))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,9 +208,7 @@ def prepare_batch(cfg: Config, reward_fns: dict, examples: list[Example], rollou
         metrics |= rl_metrics
     if cfg.loss.mode == "ssd":
         kept, ssd_metrics = drop_shortest(rollouts, cfg.loss.ssd_drop_shortest)
-        kept_ids = {id(r) for r in kept}
-        rewards = [values for r, values in zip(rollouts, rewards, strict=True) if id(r) in kept_ids]
-        rollouts = kept
+        rollouts, rewards = [rollouts[i] for i in kept], [rewards[i] for i in kept]
         metrics |= ssd_metrics
     rollouts, teacher_prompts, teacher_metrics = teacher_inputs(cfg, examples, rollouts, table, encoded, tokenizer)
     return StepBatch(rollouts, teacher_prompts, metrics | teacher_metrics, rewards)
