@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not slow" -x
 
 # Throughput: TRL's SDFT trainer side by side, then each phase alone against the full step, and
-# train.async against sync. About 20 minutes on an idle 2-core machine; each prints its last line.
+# train.async against sync. About 17 minutes on an idle 2-core machine; each prints its last line.
 bench: toy
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/peer_trl.py
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/phases.py --compare-async

@@ -1,6 +1,6 @@
 """Throughput against TRL's SDFT trainer, side by side: completion tokens trained per second.
 
-    python bench/peer_trl.py                  # both sizes, TRL's three modes (about 15 minutes, see below)
+    python bench/peer_trl.py                  # both sizes, TRL's hf and vllm modes (about 8 minutes, see below)
     python bench/peer_trl.py --sizes toy --toy-rounds 1 --toy-steps 4 --trl-modes hf1   # a quick check
 
 Two sizes, the same base model, data and settings on both sides:
@@ -64,11 +64,11 @@ are printed too. The last line is
 each ratio = selfdistill tokens/s ÷ TRL's (fastest mode) tokens/s, and ratio the smaller one.
 
 Time: a bench-size step costs about 1.5 TFLOP (the 20M model over 64 × 136-164 tokens: generate,
-teacher forward, train), about 40 s (TRL hf) to 60 s (one thread: selfdistill, TRL hf1 and vllm) on
-an idle 2-core machine, and each run starts up for 20-60 s. One bench round (1 warm-up + 1 measured
-step; selfdistill, TRL hf and TRL vllm) is therefore about 7 minutes and the defaults (toy: 1 round of
-2 + 8 steps; bench: 1 round; modes hf and vllm) about 10; `--trl-modes hf1`, more rounds or steps
-lengthen it. On a shared machine the numbers are noisy, and only the ratios within one run mean much.
+teacher forward, train): on an idle 2-core machine about 26-32 s (selfdistill, TRL hf) and 82 s (TRL
+vllm, one thread), and each run starts up for 20-60 s. The defaults (toy: 1 round of 2 + 8 steps;
+bench: 1 round of 1 + 1; modes hf and vllm) took 7.5-8 minutes there; `--trl-modes hf1`, more rounds
+or steps lengthen it. One measured bench step per side is noisy (TRL hf measured 28-33 s in three
+runs the same afternoon), and on a shared machine only the ratios within one run mean much.
 """
 
 import argparse
@@ -108,7 +108,7 @@ class Size:
 SIZES = {"toy": Size(max_tokens=8, min_tokens=0, positions=128, backend="transformers"),
          "bench": Size(max_tokens=128, min_tokens=128, positions=256, backend="vllm")}
 DEFAULT_PLANS = {"toy": (1, 2, 8), "bench": (1, 1, 1)}
-"""(rounds, warm-up steps, measured steps) per size. A bench-size step is about 40-60 s here."""
+"""(rounds, warm-up steps, measured steps) per size. A bench-size step is about 30 s here (TRL vllm 80 s)."""
 
 
 def model_dir(size: str) -> Path:
