@@ -298,8 +298,8 @@ def importance_weights(logprob_T: torch.Tensor, behaviour_logprob_T: torch.Tenso
 
     Returns:
         w_T [T]. Uncapped, E_{y~μ}[w(y) f(y)] = E_{y~π}[f(y)]; the cap bounds the variance at the cost
-        of a bias towards μ where π ≫ μ. Per token, not the product over the prefix (the usual
-        truncated-IS approximation of veRL/TIS and SDFT; the prefix product's variance grows with length).
+        of a bias towards μ where π ≫ μ. The token's own ratio: right for a loss that depends on the sampled
+        y_t (the sampled estimator, the RL term); full and top-k losses take `prefix_importance_weights`.
     """
     weight_T = torch.exp(logprob_T.detach() - behaviour_logprob_T.detach())
     return weight_T if cap is None else weight_T.clamp(max=cap)
