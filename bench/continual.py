@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import train  # noqa: E402
-from trainer.metrics import read_metrics  # noqa: E402
+from trainer.monitoring.metrics import read_metrics  # noqa: E402
 
 METHODS = {
     "sft": ["loss.mode=sft"],

@@ -95,7 +95,7 @@ def run(name: str, out: Path, args, extra: list[str]) -> tuple[list[dict], float
     """One training run of the real trainer, in this process (actors on the shared local Ray)."""
     from trainer.config import load_config
     from trainer.loop import train
-    from trainer.metrics import read_metrics
+    from trainer.monitoring.metrics import read_metrics
     toy = Path(args.toy)
     overrides = [f"name={name}", f"output_dir={out}", f"model.path={toy / 'model'}",
                  f"data.train={toy / 'data' / 'addition' / 'train.jsonl'}", f"data.eval={args.eval_file}",
@@ -147,7 +147,7 @@ def main():
         parser.error("--grpo-n must be at least 4")
     sys.path.insert(0, str(ROOT))
     if args.source:
-        from trainer.metrics import read_metrics
+        from trainer.monitoring.metrics import read_metrics
         sd, grpo = read_metrics(Path(args.source) / "sd"), read_metrics(Path(args.source) / "grpo")
         sd_seconds = grpo_seconds = float("nan")
     else:

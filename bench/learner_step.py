@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rollout.batch import Rollout  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
-from trainer.learner import Learner  # noqa: E402
+from trainer.learner.learner import Learner  # noqa: E402
 
 RANDOM_SIZES = {  # Qwen2 shapes with Qwen's 151,936-token vocabulary, randomly initialized
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

@@ -31,8 +31,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from learner_step import synthetic_batch  # noqa: E402
+
 from rollout.weights import ObjectStoreTransport  # noqa: E402
-from trainer.cluster import LearnerGroup, build_engines, start_ray  # noqa: E402
+from trainer.cluster.engines import build_engines  # noqa: E402
+from trainer.cluster.learners import LearnerGroup  # noqa: E402
+from trainer.cluster.placement import start_ray  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 TOY_MODEL = ROOT / ".cache" / "toyworld" / "model"

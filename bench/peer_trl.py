@@ -159,7 +159,7 @@ def run_selfdistill(size: str, name: str, out: Path, warmup: int, steps: int) ->
     """One run of `warmup + steps` steps; the metrics of the last `steps`."""
     from trainer.config import load_config
     from trainer.loop import train
-    from trainer.metrics import read_metrics
+    from trainer.monitoring.metrics import read_metrics
     train(load_config(ROOT / "configs" / "toy.yaml", selfdistill_overrides(size, name, out, warmup + steps)))
     gc.collect()  # drop the run's actor handles, so that Ray ends its engine and learner
     return [m for m in read_metrics(out / name) if m["step"] > warmup]

@@ -59,7 +59,7 @@ def run(cfg, warmup: int) -> dict[str, float]:
     """Mean seconds per step of each phase and of the step, and completion tokens trained per
     second, over the steps after `warmup`."""
     from trainer.loop import train
-    from trainer.metrics import read_metrics
+    from trainer.monitoring.metrics import read_metrics
     train(cfg)
     gc.collect()  # drop the run's actor handles, so that Ray ends its engines and learners
     steps = [m for m in read_metrics(Path(cfg.output_dir) / cfg.name) if m["step"] > warmup]

@@ -23,7 +23,7 @@ def resolve(names: list[str]) -> dict:
     """Reward functions by config name: a built-in name, or `package.module:function`."""
     import importlib
 
-    from trainer.errors import ConfigError
+    from core.errors import ConfigError
     functions = {}
     for name in names:
         if name in BUILTIN:

@@ -116,7 +116,7 @@ class RolloutEngine:
         return version
 
     def load_adapter(self, payload, version: int, name: str = "student") -> int:
-        """Installs a LoRA adapter (a `trainer.adapters.AdapterPayload`) under `name`, replacing the
+        """Installs a LoRA adapter (a `trainer.learner.adapters.AdapterPayload`) under `name`, replacing the
         one of that name in place; the base weights stay as they are. vLLM loads adapters from
         peft's on-disk format, so the payload is written to this engine's own scratch directory."""
         from vllm.lora.request import LoRARequest
@@ -138,6 +138,11 @@ class RolloutEngine:
         if name == "student":
             self.policy_version = version
         return version
+
+    def forget_adapters(self) -> None:
+        """Before a new run on this engine: every adapter name reads as the base again until it is
+        loaded anew (vLLM's slots are reused in place by `load_adapter`)."""
+        self._adapters = {}
 
     def version(self) -> int:
         return self.policy_version

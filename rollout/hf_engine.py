@@ -214,6 +214,9 @@ class TransformersEngine:
         raise NotImplementedError("the transformers engine serves no LoRA adapters: use rollout.backend=vllm "
                                   "or model.lora.sync=merged")
 
+    def forget_adapters(self) -> None:
+        """Serves no adapters: nothing to forget (the vLLM engine's interface)."""
+
     def version(self) -> int:
         return self.policy_version
 

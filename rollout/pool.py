@@ -14,8 +14,8 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
+from core.errors import EngineDiedError, StaleRolloutError
 from rollout.batch import Rollout, TeacherScores
-from trainer.errors import EngineDiedError, StaleRolloutError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,22 @@ class EnginePool:
                                     f"expected {expected_version}: a weight sync was lost")
         return rollouts
 
+    def wait_started(self) -> None:
+        """Returns once every engine has started; raises an engine's start-up error."""
+        ray.get([actor.version.remote() for actor in self.actors])
+
+    def alive(self, timeout_s: float = 60.0) -> bool:
+        """Every engine answers (a pool whose engine died for good is not reused)."""
+        return all_answer([actor.version.remote() for actor in self.actors], timeout_s)
+
+    def start_over(self, transport, weights_ref: "ray.ObjectRef") -> None:
+        """Another run takes this pool over (`trainer.cluster.warm`): it forgets the old run's synced
+        weights, restarts and adapters, and loads `weights_ref` (the new run's starting weights) at
+        policy version 0, as a freshly started engine would hold them."""
+        self.weights, self.restarts, self._drained = {}, [], 0
+        ray.get([actor.forget_adapters.remote() for actor in self.actors])
+        self.sync(transport, weights_ref, 0)
+
     def close(self):
         """Frees the actors and their placement group (a stage sequence starts new ones)."""
         for actor in self.actors:
@@ -133,6 +149,15 @@ class EnginePool:
     def score(self, sequences: list[list[int]], completion_starts: list[int], topk: int,
               adapter: str | None = None) -> list[TeacherScores]:
         return self._map("score", sequences, completion_starts, topk=topk, adapter=adapter)
+
+def all_answer(refs: list, timeout_s: float) -> bool:
+    """Whether every one of these actor calls returns within `timeout_s` (none died)."""
+    try:
+        ray.get(refs, timeout=timeout_s)
+        return True
+    except (RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
 
 def _actor_id(error: RayActorError) -> str | None:
     actor_id = error.actor_id

@@ -8,7 +8,7 @@ Both are followed by the *same* completion token ids, so teacher and student sco
 
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data import Messages
+from core.types import Messages
 
 
 def _is_chat(prompt: str | Messages) -> bool:

@@ -13,7 +13,7 @@ import time
 
 import ray
 
-from trainer.errors import WeightSyncError
+from core.errors import WeightSyncError
 
 
 class ObjectStoreTransport:

@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API port on 127.0.0.1")
     parser.add_argument("--head-cpus", type=int, default=2)
     parser.add_argument("--worker-cpus", type=int, default=2)
+    parser.add_argument("--grace-s", type=float, default=10.0,
+                        help="down: seconds the processes get to exit after SIGTERM before SIGKILL")
     args = parser.parse_args(argv)
     temp_dir = Path(args.temp_dir).resolve()
     if args.action == "down":
-        count = down(temp_dir)
+        count = down(temp_dir, args.grace_s)
         print(f"stopped {count} processes of the cluster in {temp_dir} (its logs stay there)")
         return 0
     if cluster_processes(temp_dir):

@@ -7,15 +7,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import ROOT
+from core.errors import ConfigError, StaleRolloutError
 from rollout.batch import Rollout
 from trainer.config import load_config
-from trainer.data import PromptSampler
-from trainer.errors import ConfigError, StaleRolloutError
-from trainer.losses import importance_weights, prefix_importance_weights
-from trainer.rollout_feed import check_policy_lag, RolloutFeed
-
-from conftest import ROOT
-
+from trainer.data.sampler import PromptSampler
+from trainer.learner.losses import importance_weights, prefix_importance_weights
+from trainer.step.feed import RolloutFeed, check_policy_lag
 
 # ------------------------------------------------------------------------------------------------
 # Pure parts
@@ -136,12 +134,12 @@ def test_learner_reweights_positions_by_their_prefix_weight(toy_world):
     """The same batch three times, with the engine's logprob of each completion's first token set so
     that π/μ = 1, 1.5 and 3 there (the others exact). The first position is masked, so every counted
     position's prefix weight is 1, 1.5 and min(3, is_cap=2): distill/loss scales by exactly that."""
+    from test_lora_learner import _port, batch
     from transformers import AutoModelForCausalLM
 
     from test_backbone import learner_logprobs
-    from test_lora_learner import _port, batch
     from trainer.config import config_to_dict
-    from trainer.learner import Learner
+    from trainer.learner.learner import Learner
     cfg = load_config(ROOT / "configs" / "toy.yaml", [
         f"model.path={toy_world / 'model'}", "data.train=unused.jsonl", "train.prompts_per_step=8", "learner.micro_batch=8",
         "learner.warmup_steps=0", "learner.lr=1e-12", "teacher.scorer=learner", "teacher.weights=initial",
@@ -172,13 +170,13 @@ def test_learner_reweights_positions_by_their_prefix_weight(toy_world):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_async_run_trains_one_version_late_and_resumes(toy_world, small_eval, tmp_path, local_ray):
+def test_async_run_trains_one_version_late_and_resumes(toy_world, small_eval, tmp_path, warm_actors):
     from test_backbone import toy_config
     from trainer.loop import train
-    from trainer.metrics import read_metrics
+    from trainer.monitoring.metrics import read_metrics
     cfg = toy_config(toy_world, small_eval, tmp_path, "train.steps=4", "train.async=true", "loss.is_cap=2",
                      "train.save_every=2", "rollout.engines=2")
-    train(cfg)
+    train(cfg, warm=warm_actors)
     metrics = read_metrics(tmp_path / cfg.name)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
     assert [m["async/policy_lag"] for m in metrics[1:]] == [0, 1, 1, 1]
@@ -189,6 +187,6 @@ def test_async_run_trains_one_version_late_and_resumes(toy_world, small_eval, tm
     assert all(m["time/generate"] < m["time/step"] for m in metrics[1:])
     # a rerun with more steps resumes from step 4 and draws step 5 on-policy
     train(toy_config(toy_world, small_eval, tmp_path, "train.steps=5", "train.async=true", "loss.is_cap=2",
-                     "train.save_every=2", "rollout.engines=2"))
+                     "train.save_every=2", "rollout.engines=2"), warm=warm_actors)
     metrics = read_metrics(tmp_path / cfg.name)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4, 5] and metrics[5]["async/policy_lag"] == 0

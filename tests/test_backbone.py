@@ -7,14 +7,11 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.engine import RolloutEngine
-from trainer.cluster import CPU_ENGINE_ENV
+from conftest import ROOT, restore_base
 from trainer.config import config_to_dict, load_config
-from trainer.learner import Learner
+from trainer.learner.learner import Learner
 from trainer.loop import train
-from trainer.metrics import read_metrics
-
-from conftest import ROOT
+from trainer.monitoring.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +34,15 @@ def learner_logprobs(model, rollouts, temperature):
     return torch.tensor(out)
 
 
-def test_engine_logprobs_equal_the_learners_after_a_weight_sync(toy_world, small_eval, tmp_path, local_ray):
+def test_engine_logprobs_equal_the_learners_after_a_weight_sync(toy_world, small_eval, tmp_path, vllm_engine):
     cfg = toy_config(toy_world, small_eval, tmp_path, "learner.num=1", "learner.lr=1e-3")
-    engine = ray.remote(RolloutEngine).options(num_cpus=0, runtime_env={"env_vars": CPU_ENGINE_ENV}).remote(
-        cfg.model.path, max_logprobs=cfg.loss.topk)
+    try:
+        _check_sync(cfg, vllm_engine)
+    finally:
+        restore_base(vllm_engine, toy_world)
+
+
+def _check_sync(cfg, engine):
     learner = ray.remote(Learner).options(num_cpus=0).remote(config_to_dict(cfg), 0, 1, "127.0.0.1", 29561)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     examples = [json.loads(line) for line in open(cfg.data.train)][:16]
@@ -66,7 +68,6 @@ def test_engine_logprobs_equal_the_learners_after_a_weight_sync(toy_world, small
     # the weights really moved: the old rollouts' logprobs are no longer the engine's
     old = torch.tensor([lp for r in before for lp in r.logprobs], dtype=torch.float64)
     assert (old - learner_logprobs(model, before, 1.0)).abs().max().item() > 1e-3
-    ray.kill(engine)
     ray.kill(learner)
 
 
@@ -99,9 +100,9 @@ def check_run(run_dir, steps):
     pytest.param(["teacher.weights=ema", "teacher.scorer=engine", "loss.estimator=topk", "loss.divergence=jsd",
                   "teacher.ema_alpha=0.5"], id="ema-engine-topk-jsd"),
 ])
-def test_end_to_end(toy_world, small_eval, tmp_path, local_ray, overrides):
+def test_end_to_end(toy_world, small_eval, tmp_path, warm_actors, overrides):
     cfg = toy_config(toy_world, small_eval, tmp_path, "train.steps=3", *overrides)
-    summary = train(cfg)
+    summary = train(cfg, warm=warm_actors)
     metrics = check_run(tmp_path / cfg.name, 3)
     assert summary["end"]["eval/addition/accuracy"] == metrics[-1]["eval/addition/accuracy"]
     if cfg.log.samples_every:

@@ -21,10 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from trainer.metrics import read_metrics
-from trainer.report import FIGURES, load_run, reward_figure
-
 from conftest import ROOT
+from trainer.monitoring.metrics import read_metrics
+from trainer.monitoring.report import FIGURES, load_run, reward_figure
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,9 @@ def cluster():
         assert result.returncode == 0, result.stdout + result.stderr
         yield json.loads((temp_dir / "cluster.json").read_text()) | {"dashboard_port": dashboard}
     finally:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "cluster.py"), "down", "--temp-dir", str(temp_dir)],
+        # a short grace: nothing of this throwaway cluster needs a clean shutdown
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "cluster.py"), "down", "--temp-dir", str(temp_dir),
+                        "--grace-s", "2"],
                        env=client_env(), capture_output=True, timeout=120)
         left = cluster_script.cluster_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -124,13 +125,14 @@ def auth_token() -> str:
 
 
 def wait_for_job(client, job_id: str) -> str:
-    """Polls in this process (a `ray job status` process per poll costs seconds of CPU)."""
+    """Polls in this process (a `ray job status` process per poll costs seconds of CPU; one HTTP
+    request does not)."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         status = str(client.get_job_status(job_id))
         if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
             return status.rsplit(".", 1)[-1]
-        time.sleep(10)
+        time.sleep(2)
     client.stop_job(job_id)
     return "TIMEOUT"
 
@@ -163,7 +165,7 @@ def test_ray_job_submit_trains_with_learners_spread_over_both_nodes(cluster, toy
 
     # the driver's log reads as plain lines in `ray job logs`: no carriage returns, no ANSI codes
     assert "\r" not in logs and "\x1b[" not in logs
-    assert re.search(r"trainer\.progress: step 3/3 \(100%\) \| [\d.e+-]+ s/step \| ETA 0m00s \| reward", logs), logs[-3000:]
+    assert re.search(r"trainer\.monitoring\.progress: step 3/3 \(100%\) \| [\d.e+-]+ s/step \| ETA 0m00s \| reward", logs), logs[-3000:]
     assert "learners on 127.0.0.2, 127.0.0.3" in logs or "learners on 127.0.0.3, 127.0.0.2" in logs
 
     # the report of this run: every file written and not empty, the curves are the metrics file's

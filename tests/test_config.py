@@ -7,11 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.config import (Config, config_from_dict, config_to_dict, dump_config, field_docs, load_config,
-                            reference, reference_markdown)
-from trainer.errors import ConfigError
-
 from conftest import ROOT
+from core.errors import ConfigError
+from trainer.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    field_docs,
+    load_config,
+    reference,
+    reference_markdown,
+)
 
 TOY = ROOT / "configs" / "toy.yaml"
 

@@ -2,6 +2,7 @@
 forgetting table. The end-to-end tests drive the real CLI in subprocesses, as a scheduler would."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import find_checkpoint, resolve_resume, truncate_logs
-from trainer.config import load_config
-from trainer.continual import forgetting_markdown, forgetting_table
-from trainer.errors import ConfigError
-from trainer.metrics import read_metrics
-
 from conftest import ROOT
+from core.errors import ConfigError
+from trainer import cli
+from trainer.config import load_config
+from trainer.lifecycle.checkpoint import find_checkpoint, resolve_resume, truncate_logs
+from trainer.lifecycle.continual import forgetting_markdown, forgetting_table
+from trainer.loop import train
+from trainer.monitoring.metrics import read_metrics
 
 # ----------------------------------------------------------------------------------------------
 # Pure parts
@@ -103,7 +105,7 @@ def test_truncate_logs_drops_the_steps_a_resume_redoes(tmp_path):
 KILLED_MID_SAVE = """
 import os, signal, sys
 from pathlib import Path
-from trainer.checkpoint import save_checkpoint
+from trainer.lifecycle.checkpoint import save_checkpoint
 
 class DiesWhileSaving:
     # Writes part of a checkpoint, then the process is killed outright, as by the OOM killer or a node loss.
@@ -160,14 +162,18 @@ def _losses(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval, tmp_path, ray_address):
+def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval, tmp_path, ray_address, warm_actors,
+                                                          caplog):
     """2N steps in one go vs N steps, SIGTERM, resume, N steps: the same per-step losses. EMA
-    teacher and two ZeRO-2 ranks, so that every kind of state has to come back."""
+    teacher and two ZeRO-2 ranks, so that every kind of state has to come back. The interrupted
+    run is a `selfdistill train` process with actors of its own, stopped as a scheduler stops it;
+    the uninterrupted and the resumed run are in this process, on actors taken over from earlier
+    runs (`warm_actors`). Equal losses before the stop also say that a taken-over actor holds
+    exactly what a new one does; after it, that the checkpoint alone carries the run's state."""
     config = str(ROOT / "configs" / "toy.yaml")
     common = _overrides(toy_world, small_eval, tmp_path, "train.steps=8", "teacher.weights=ema",
                         "teacher.ema_alpha=0.1", "learner.num=2", "train.save_every=0")
-    whole = _cli("train", config, *common, "name=whole", log=tmp_path / "whole.log", ray_address=ray_address)
-    _finish(whole, tmp_path / "whole.log")
+    train(load_config(config, [*common, "name=whole"]), warm=warm_actors)
 
     cut = _cli("train", config, *common, "name=cut", log=tmp_path / "cut.log", ray_address=ray_address)
     metrics = tmp_path / "cut" / "metrics.jsonl"
@@ -181,9 +187,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
     assert stopped["stopped_by"] == "SIGTERM" and 3 <= stopped["steps"] < 8, log[-3000:]
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step_{stopped['steps']}"
 
-    resumed = _cli("train", config, *common, "name=cut", log=tmp_path / "resume.log", ray_address=ray_address)
-    log = _finish(resumed, tmp_path / "resume.log")
-    assert f"resumed from {tmp_path / 'cut' / 'checkpoints' / ('step_%d' % stopped['steps'])}" in log
+    with caplog.at_level(logging.INFO, logger="trainer.lifecycle.checkpoint"):
+        train(load_config(config, [*common, "name=cut"]), warm=warm_actors)
+    assert f"resumed from {tmp_path / 'cut' / 'checkpoints' / ('step_%d' % stopped['steps'])}" in caplog.text
     expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
     assert sorted(got) == list(range(1, 9))  # every step logged exactly once
     for step in range(1, 9):
@@ -195,17 +201,17 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
     # A resume on changed data: the sampler starts over on purpose, and says so.
     subset = tmp_path / "addition-subset.jsonl"
     subset.write_text("".join((toy_world / "data" / "addition" / "train.jsonl").read_text().splitlines(True)[:200]))
-    changed = _cli("train", config, *common, "name=cut", "train.steps=10", f"data.train={subset}",
-                   log=tmp_path / "changed.log", ray_address=ray_address)
-    log = _finish(changed, tmp_path / "changed.log")
-    assert "training data changed since" in log and "the sampler starts over" in log
+    with caplog.at_level(logging.WARNING, logger="trainer.lifecycle.checkpoint"):
+        train(load_config(config, [*common, "name=cut", "train.steps=10", f"data.train={subset}"]), warm=warm_actors)
+    assert "training data changed since" in caplog.text and "the sampler starts over" in caplog.text
     event = json.loads((tmp_path / "cut" / "resumes.jsonl").read_text().splitlines()[-1])
     assert event["sampler"] == "reset" and event["step"] == 8
     assert [row["step"] for row in read_metrics(tmp_path / "cut")][-2:] == [9, 10]
 
 
 @pytest.mark.slow
-def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path, ray_address):
+def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path, ray_address,
+                                                                                    caplog, capsys):
     evals = {}
     for task in ("addition", "subtraction"):
         lines = (toy_world / "data" / task / "eval.jsonl").read_text().splitlines(True)[:32]
@@ -240,9 +246,11 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
     assert read_metrics(tmp_path / "seq" / "stages" / "sub")[0]["eval/addition/accuracy"] == \
         read_metrics(tmp_path / "seq" / "stages" / "add")[-1]["eval/addition/accuracy"]
 
-    # Rerunning the finished sequence reads it back instead of training again.
-    again = _finish(_cli("train", str(config), log=tmp_path / "again.log", ray_address=ray_address), tmp_path / "again.log")
-    assert again.count("nothing to do") == 2
+    # Rerunning the finished sequence reads it back instead of training again (in this process: it
+    # starts no actor, so a process of its own would only add its imports).
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        assert cli.main(["train", str(config)]) == 0
+    assert caplog.text.count("nothing to do") == 2 and "drop from best" in capsys.readouterr().out
 
     # adapt from the first stage's final checkpoint to subtraction, with the addition set as the prior task
     log = _finish(_cli("adapt", "--from", str(tmp_path / "seq" / "stages" / "add"),

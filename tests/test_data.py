@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import DataError
 from trainer.config import ColumnsConfig
-from trainer.data import PromptSampler, fingerprint, load_examples
-from trainer.errors import DataError
+from trainer.data.records import fingerprint, load_examples
+from trainer.data.sampler import PromptSampler
 
 GOOD = {"id": "a", "prompt": "Q:1+2=", "context": "W:1+2:1+2=3,3", "answer": "3", "task": "addition"}
 

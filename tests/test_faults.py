@@ -16,16 +16,17 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.batch import Rollout, TeacherScores
-from trainer import loop
-from trainer.cluster import LearnerGroup
-from trainer.data import PromptSampler, load_examples
-from trainer.errors import DivergedError, LearnerDiedError
-from trainer.health import SkippedSteps
-from trainer.metrics import read_metrics
-
 from conftest import ROOT
+from core.errors import DivergedError, LearnerDiedError
+from rollout.batch import Rollout, TeacherScores
 from test_backbone import toy_config
+from trainer import loop
+from trainer.cluster.learners import LearnerGroup
+from trainer.data.records import load_examples
+from trainer.data.sampler import PromptSampler
+from trainer.lifecycle import startup
+from trainer.monitoring.health import SkippedSteps
+from trainer.monitoring.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
@@ -231,11 +232,11 @@ def test_a_dead_learner_stops_the_run_naming_it_and_the_last_checkpoint_is_intac
     groups = []
 
     class RecordedLearners(LearnerGroup):  # the same group; the test only needs its actor handles
-        def __init__(self, cfg):
-            super().__init__(cfg)
+        def __init__(self, cfg, wait=True):
+            super().__init__(cfg, wait)
             groups.append(self)
 
-    monkeypatch.setattr(loop, "LearnerGroup", RecordedLearners)
+    monkeypatch.setattr(startup, "LearnerGroup", RecordedLearners)
     cfg = toy_config(toy_world, small_eval, tmp_path, "learner.num=2", "train.steps=30", "train.save_every=1",
                      "train.prompts_per_step=8", "teacher.weights=live", "teacher.scorer=engine", "name=dies")
     run_dir = tmp_path / "dies"

@@ -3,17 +3,14 @@ against vLLM's greedy completions; per-prompt seeds; weight loads; EOS and lengt
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout.hf_engine import TransformersEngine, truncate_logits
 from toyworld.base import TEACHER_TEMPLATE
-
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,18 +193,14 @@ def test_adapters_are_refused_clearly(toy_world, engine, examples, prompts):
 
 
 @pytest.mark.slow
-def test_greedy_completions_equal_vllms(toy_world, engine, examples, tmp_path):
+def test_greedy_completions_equal_vllms(toy_world, engine, examples, vllm_engine):
     tokenizer = AutoTokenizer.from_pretrained(toy_world / "model")
     texts = [e["prompt"] for e in examples] + [TEACHER_TEMPLATE.format(prompt=e["prompt"], context=e["context"])
                                                for e in examples]
-    (tmp_path / "prompts.json").write_text(json.dumps(texts))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_greedy.py"), str(toy_world / "model"),
-                             str(tmp_path / "prompts.json")], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    vllm = json.loads(result.stdout.split("COMPLETIONS=")[1])
-    rollouts = engine.generate([tokenizer(t)["input_ids"] for t in texts], [str(i) for i in range(len(texts))],
-                               max_tokens=6, temperature=0.0)
-    assert tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True) == vllm
+    prompt_ids, example_ids = [tokenizer(t)["input_ids"] for t in texts], [str(i) for i in range(len(texts))]
+    vllm = ray.get(vllm_engine.generate.remote(prompt_ids, example_ids, max_tokens=6, temperature=0.0))
+    rollouts = engine.generate(prompt_ids, example_ids, max_tokens=6, temperature=0.0)
+    assert [r.completion_ids for r in rollouts] == [r.completion_ids for r in vllm]
 
 
 def test_cpu_threads_are_the_engines_torch_threads(toy_world):

@@ -9,14 +9,13 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.engine import RolloutEngine
-from trainer.cluster import CPU_ENGINE_ENV
-from trainer.config import config_to_dict, load_config
-from trainer.learner import Learner
-from trainer.loop import train
-
 from conftest import ROOT
+from rollout.engine import RolloutEngine
 from test_backbone import check_run, learner_logprobs
+from trainer.cluster.engines import CPU_ENGINE_ENV
+from trainer.config import config_to_dict, load_config
+from trainer.learner.learner import Learner
+from trainer.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +107,9 @@ def test_adapter_sync_matches_merged_sync_and_merged_export_loads(toy_world, sma
                   "loss.estimator=full", "model.lora.dropout=0.1", "model.lora.target_modules=[q_proj,v_proj]", "learner.num=2",
                   "learner.zero_stage=3"], id="merged-sync-base-teacher-on-the-learner-zero3"),
 ])
-def test_lora_end_to_end(toy_world, small_eval, tmp_path, local_ray, overrides):
+def test_lora_end_to_end(toy_world, small_eval, tmp_path, warm_actors, overrides):
     cfg = lora_config(toy_world, small_eval, tmp_path, "train.steps=3", *overrides)
-    summary = train(cfg)
+    summary = train(cfg, warm=warm_actors)
     run_dir = tmp_path / cfg.name
     adapter_dir = run_dir / "checkpoints" / "step_3" / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())

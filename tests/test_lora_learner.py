@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rollout.batch import Rollout
-from trainer import adapters
-from trainer.config import config_to_dict, load_config
-from trainer.learner import Learner, completion_logits
-
 from conftest import ROOT
+from rollout.batch import Rollout
+from trainer.config import config_to_dict, load_config
+from trainer.learner import adapters
+from trainer.learner.forward import completion_logits
+from trainer.learner.learner import Learner
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +50,17 @@ def batch(toy_world, count=8):
 def test_lora_teacher_is_the_base_exactly_never_drops_out_and_checkpoints_load(toy_world, tmp_path):
     learner = make_learner(toy_world, "teacher.weights=initial", "model.lora.dropout=0.5", "learner.lr=1e-2")
     rollouts, teacher_prompts = batch(toy_world)
+    completions = [r.completion_ids for r in rollouts]
     tokens = sum(len(r.completion_ids) for r in rollouts)
+    learner.engine.eval()
+    with torch.no_grad():
+        untrained = learner._teacher_logits(teacher_prompts, completions)
     for _ in range(2):  # the adapter moves away from zero
         learner.train_step(rollouts, teacher_prompts, None, tokens)
     state = learner.state_bytes()
     assert 0 < state["trainable_parameters"] < state["parameters"] / 4 and state["teacher_copy"] == 0
 
     base = AutoModelForCausalLM.from_pretrained(toy_world / "model").eval()
-    completions = [r.completion_ids for r in rollouts]
     with torch.no_grad():
         expected = completion_logits(base, teacher_prompts, completions)
         teacher = learner._teacher_logits(teacher_prompts, completions)
@@ -65,7 +68,11 @@ def test_lora_teacher_is_the_base_exactly_never_drops_out_and_checkpoints_load(t
         student_eval = completion_logits(learner.engine.module, teacher_prompts, completions)
         with learner._student_dropout():
             dropped = [completion_logits(learner.engine.module, teacher_prompts, completions) for _ in range(2)]
-    assert torch.equal(teacher, expected)  # the base, bit for bit: no second copy, no merge round-off
+    # the base, bit for bit, however far the adapter moved: no second copy, no merge round-off
+    assert torch.equal(teacher, untrained)
+    # and the base model itself: the same weights in DeepSpeed's buffers can take other kernels than a
+    # plain model's (on AVX-512, 6e-6 apart), so this one holds to float32 round-off
+    assert (teacher - expected).abs().max() < 1e-4
     assert torch.equal(teacher, again)  # deterministic: no dropout in the teacher
     assert (student_eval - expected).abs().max() > 1e-3  # the adapter did move the student
     # the student's training forward really has dropout on (so the teacher check above can fail)

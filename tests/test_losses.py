@@ -1,4 +1,4 @@
-"""Tests for trainer/losses.py: closed forms, cross-checks against TRL and torch, masking, chunking,
+"""Tests for trainer/learner/losses.py: closed forms, cross-checks against TRL and torch, masking, chunking,
 top-k tails and the sampled-token estimator. All CPU, tiny shapes, well under a few seconds."""
 
 import ast
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.losses import (
+from trainer.learner.losses import (
     KINDS,
     chunked_token_divergence,
     completion_mask,
@@ -469,7 +469,7 @@ def test_sampled_pg_on_policy_old_logprob_and_cap():
 
 
 def test_chunked_logsumexp_and_gather_equal_log_softmax():
-    from trainer.losses import chunked_logsumexp, gather_logprobs
+    from trainer.learner.losses import chunked_logsumexp, gather_logprobs
     torch.manual_seed(0)
     logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 11, (7, 3))

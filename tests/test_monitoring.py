@@ -9,12 +9,20 @@ import time
 
 import pytest
 
-from trainer.config import load_config
-from trainer.metrics import MetricsLogger, read_metrics
-from trainer.progress import Progress, format_duration, progress_fields
-from trainer.report import FIGURES, load_run, loss_figure, reward_figure, smooth, time_figure, eval_figure, write_report
-
 from conftest import ROOT
+from trainer.config import load_config
+from trainer.monitoring.metrics import MetricsLogger, read_metrics
+from trainer.monitoring.progress import Progress, format_duration, progress_fields
+from trainer.monitoring.report import (
+    FIGURES,
+    eval_figure,
+    load_run,
+    loss_figure,
+    reward_figure,
+    smooth,
+    time_figure,
+    write_report,
+)
 
 STEP_METRICS = [
     {"eval/addition/accuracy": 0.25, "eval/addition/teacher_accuracy": 1.0},
@@ -109,7 +117,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_progress_is_plain_lines_when_not_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.progress")
+    caplog.set_level(logging.INFO, logger="trainer.monitoring.progress")
     stream = io.StringIO()  # not a terminal, like `ray job logs`
     progress = Progress(400, stream)
     progress.log(0, {"eval/addition/accuracy": 0.22, "eval/addition/teacher_accuracy": 1.0})

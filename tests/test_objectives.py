@@ -1,20 +1,19 @@
-"""The per-mode batch logic of trainer/objectives.py, with the toy tokenizer and no engines."""
+"""The per-mode batch logic of trainer/step/batch.py, with the toy tokenizer and no engines."""
 
 import math
 
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import ROOT
+from core.errors import ConfigError
 from rewards import resolve
 from rollout.batch import Rollout
 from trainer.config import load_config
-from trainer.data import Example
-from trainer.errors import ConfigError
-from trainer.objectives import (RewardTable, drop_shortest, prepare_batch, score_rewards, sft_target_ids,
-                                sibling_contexts)
-from trainer.steps import encode_prompts
-
-from conftest import ROOT
+from trainer.data.prompts import encode_prompts
+from trainer.data.records import Example
+from trainer.step.batch import RewardTable, prepare_batch, score_rewards, sibling_contexts
+from trainer.step.rollouts import drop_shortest, sft_target_ids
 
 
 def rollout(example_id, ids):

@@ -8,11 +8,10 @@ import statistics
 
 import pytest
 
-from trainer.loop import train
-from trainer.metrics import read_metrics
-
 from conftest import ROOT
 from test_backbone import toy_config
+from trainer.loop import train
+from trainer.monitoring.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +48,9 @@ def bench_grpo_settings() -> tuple[str, ...]:
                   "rollout.top_p=0.8"], id="ssd"),
     pytest.param(["loss.mode=sft", "learner.warmup_steps=0"], id="sft"),
 ])
-def test_objective_end_to_end(toy_world, small_eval, tmp_path, local_ray, overrides):
+def test_objective_end_to_end(toy_world, small_eval, tmp_path, warm_actors, overrides):
     cfg = toy_config(toy_world, small_eval, tmp_path, "train.steps=3", *overrides)
-    train(cfg)
+    train(cfg, warm=warm_actors)
     metrics = read_metrics(tmp_path / cfg.name)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert "eval/addition/accuracy" in metrics[-1]
@@ -73,21 +72,24 @@ def test_objective_end_to_end(toy_world, small_eval, tmp_path, local_ray, overri
         assert all(m["rollout/len_mean"] == pytest.approx(4, abs=1) for m in metrics[1:])  # "132" + EOS
 
 
-def test_grpo_learns_where_the_student_has_partial_skill(toy_world, tmp_path, local_ray):
+def test_grpo_learns_where_the_student_has_partial_skill(toy_world, tmp_path, warm_actors):
     """GRPO at bench/efficiency.py's settings raises the sampled reward and the held-out accuracy on
     the problems where the student has partial skill. On carry problems its right answer has
     probability ≈ 0, so GRPO has nothing to learn from there (see that module's docstring). With
     seeds 0, 1 and 2 the mean reward rose from 0.73–0.75 (first 10 steps) to 0.81–0.83 (last 20),
-    each mean within about ±0.02, and greedy accuracy from 90 % to 99–100 %."""
+    each mean within about ±0.02, and greedy accuracy from 90 % to 99–100 % (98 % to 100 % on a base
+    pretrained on an AVX-512 CPU)."""
     data = toy_world / "data" / "addition"
     train_file = write_no_carry(data / "train.jsonl", tmp_path / "train.jsonl")
     eval_file = write_no_carry(data / "eval.jsonl", tmp_path / "eval.jsonl")
     cfg = toy_config(toy_world, eval_file, tmp_path, f"data.train={train_file}", "loss.mode=grpo", "rollout.n=4",
                      "train.prompts_per_step=32", "learner.micro_batch=64", "train.steps=60", "train.eval_every=30",
                      *bench_grpo_settings())
-    train(cfg)
+    train(cfg, warm=warm_actors)
     metrics = read_metrics(tmp_path / cfg.name)
     rewards = [m["reward/mean"] for m in metrics[1:]]
     accuracy = [m["eval/addition/accuracy"] for m in metrics if "eval/addition/accuracy" in m]
     assert statistics.fmean(rewards[-20:]) > statistics.fmean(rewards[:10]) + 0.02, rewards
-    assert accuracy[-1] > accuracy[0] + 0.05, accuracy
+    # at least half of the remaining held-out errors fixed (the base solves 90-98 % of these
+    # problems, depending on the CPU it was pretrained on)
+    assert 1 - accuracy[-1] <= 0.5 * (1 - accuracy[0]), accuracy

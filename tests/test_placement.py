@@ -7,12 +7,17 @@ import os
 import pytest
 import ray
 
-from trainer.cluster import (CPU_ACTOR_SHARE, _group_cpu_threads, actor_resources, cpu_sharers, cpu_threads,
-                             place)
-from trainer.config import load_config
-from trainer.errors import SelfDistillError
-
 from conftest import ROOT
+from core.errors import SelfDistillError
+from trainer.cluster.placement import (
+    CPU_ACTOR_SHARE,
+    actor_resources,
+    cpu_sharers,
+    cpu_threads,
+    group_cpu_threads,
+    place,
+)
+from trainer.config import load_config
 
 
 def test_bundles_reserve_a_gpu_and_a_core_on_gpus_and_a_token_share_on_cpu():
@@ -48,6 +53,6 @@ def test_a_groups_threads_come_from_the_cores_of_its_node(local_ray):
     cfg = load_config(ROOT / "configs" / "toy.yaml", ["learner.num=2"])
     group = place(cfg, 2, gpu=False, name="learners")
     cores = len(os.sched_getaffinity(0))  # the test's Ray runs on this machine
-    assert _group_cpu_threads(cfg, group, None, 2) == max(1, cores // 2)
-    assert _group_cpu_threads(cfg, group, 7, 2) == 7
+    assert group_cpu_threads(cfg, group, None, 2) == max(1, cores // 2)
+    assert group_cpu_threads(cfg, group, 7, 2) == 7
     ray.util.remove_placement_group(group)

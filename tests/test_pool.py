@@ -1,7 +1,7 @@
 import pytest
 
 from rollout.pool import shards
-from trainer.cluster import merge_rank_metrics
+from trainer.cluster.learners import merge_rank_metrics
 
 
 @pytest.mark.parametrize("count, parts", [(10, 3), (3, 5), (64, 2), (0, 2), (7, 1)])
@@ -21,9 +21,9 @@ def test_rank_metrics_are_token_weighted():
 def test_weight_sync_deadline_names_the_late_engine(local_ray):
     import ray
 
+    from core.errors import WeightSyncError
     from rollout.pool import EnginePool
     from rollout.weights import ObjectStoreTransport
-    from trainer.errors import WeightSyncError
 
     class SlowEngine:  # defined here so Ray ships it by value: workers cannot import test modules
         """Stands in for an engine whose weight load hangs; the sync deadline is what is tested."""

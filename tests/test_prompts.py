@@ -30,9 +30,9 @@ def test_prompts_that_leave_no_room_for_the_completion_name_file_line_and_field(
 
     import pytest
 
-    from trainer.data import load_examples
-    from trainer.errors import DataError
-    from trainer.steps import drop_overlong, encode_prompts
+    from core.errors import DataError
+    from trainer.data.prompts import drop_overlong, encode_prompts
+    from trainer.data.records import load_examples
     tokenizer = build_tokenizer()
     rows = [{"id": "short", "prompt": "Q:1+2=", "context": "W:3"},
             {"id": "long-q", "prompt": "Q:" + "1+" * 20 + "2=", "context": "W:3"},

@@ -3,9 +3,8 @@ here) parses and passes every check, as `selfdistill train` would see it."""
 
 import pytest
 
-from trainer.config import dump_config, load_config
-
 from conftest import ROOT
+from trainer.config import dump_config, load_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

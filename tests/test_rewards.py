@@ -1,11 +1,11 @@
 import pytest
 
+from core.errors import ConfigError
 from rewards import BUILTIN, resolve
 from rewards.answer import answer_match, final_answer, is_match
 from rewards.code import code_tests, extract_code
 from rewards.format import format_reward, make_format_reward
 from rewards.sandbox import Limits
-from trainer.errors import ConfigError
 
 
 def test_exact_and_numeric_matches():

@@ -1,4 +1,4 @@
-"""Closed-form tests of the RL and cross-entropy terms in trainer/losses.py."""
+"""Closed-form tests of the RL and cross-entropy terms in trainer/learner/losses.py."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.losses import group_advantages, policy_gradient, token_cross_entropy, zero_variance_fraction
+from trainer.learner.losses import group_advantages, policy_gradient, token_cross_entropy, zero_variance_fraction
 
 
 def test_group_advantages_closed_form():

@@ -6,7 +6,6 @@ import subprocess
 import threading
 import time
 
-
 from rewards.sandbox import Limits, isolation_level, run_python
 
 FAST = Limits(wall_s=60, cpu_s=2, memory_mb=256, processes=8, file_mb=1)  # a loose wall clock: the cores are shared

@@ -4,15 +4,15 @@ import subprocess
 import sys
 
 import pytest
+import ray
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import ROOT
 from toyworld.base import PretrainSettings, greedy_completions, model_config
 from toyworld.prepare import prepare
 from toyworld.tasks import FAMILIES, TEACHER_TEMPLATE, split_pairs, write_task_files
 from toyworld.tokenizer import CHARACTERS, build_tokenizer
-from trainer.data import load_examples
-
-from conftest import ROOT
+from trainer.data.records import load_examples
 
 
 def check_worked_solution(example: dict):
@@ -105,7 +105,7 @@ def test_base_model_starts_where_the_papers_start(toy_world):
 
 
 @pytest.mark.slow
-def test_transformers_and_vllm_load_the_base_model_and_agree_greedily(toy_world, tmp_path):
+def test_transformers_and_vllm_load_the_base_model_and_agree_greedily(toy_world, vllm_engine):
     model_dir = toy_world / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -113,10 +113,8 @@ def test_transformers_and_vllm_load_the_base_model_and_agree_greedily(toy_world,
     examples = examples[:100]
     prompts = [e.prompt for e in examples] + [TEACHER_TEMPLATE.format(prompt=e.prompt, context=e.context) for e in examples]
     hf = greedy_completions(model, tokenizer, prompts)
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_greedy.py"), str(model_dir), str(tmp_path / "prompts.json")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    vllm = json.loads(result.stdout.split("COMPLETIONS=")[1])
+    rollouts = ray.get(vllm_engine.generate.remote([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                                                   [str(i) for i in range(len(prompts))], max_tokens=6, temperature=0.0))
+    vllm = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     assert vllm == hf
     assert sum(c == e.answer for c, e in zip(hf[100:], examples)) >= 95  # the teacher half is right

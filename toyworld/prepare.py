@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 from toyworld.base import Mixture, PretrainSettings, format_accuracy, model_config, pretrain
 from toyworld.tasks import FAMILIES, split_pairs, write_task_files
 from toyworld.tokenizer import build_tokenizer
-from trainer.data import load_examples
+from trainer.data.records import load_examples
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from trainer.errors import SelfDistillError
+from core.errors import SelfDistillError
 
 logger = logging.getLogger("selfdistill")
 
@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)
     if cfg.stages:
-        from trainer.continual import forgetting_markdown, run_stages
+        from trainer.lifecycle.continual import forgetting_markdown, run_stages
         summary = run_stages(cfg, args.resume)
         print("\n".join(format_summary(s) for s in summary["stages"]))
         print(forgetting_markdown(summary["forgetting"]), end="")
@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from trainer.continual import adapt, forgetting_markdown
+    from trainer.lifecycle.continual import adapt, forgetting_markdown
     summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, args.overrides, args.resume)
     print(format_summary(summary))
     print(forgetting_markdown(summary["forgetting"]), end="")
@@ -77,7 +77,7 @@ def format_summary(summary: dict) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trainer.report import FIGURES, write_report
+    from trainer.monitoring.report import FIGURES, write_report
     out = write_report(args.run_dirs, args.out)
     print(f"report: {out}/ ({', '.join(FIGURES)}, samples.html)")
     return 0

@@ -11,10 +11,11 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.checkpoint import find_checkpoint, read_state
+from core.errors import ConfigError
+from trainer.cluster.warm import WarmActors
 from trainer.config import Config, config_from_dict, config_to_dict, dump_config, load_config
-from trainer.data import fingerprint, load_examples
-from trainer.errors import ConfigError
+from trainer.data.records import fingerprint, load_examples
+from trainer.lifecycle.checkpoint import find_checkpoint, read_state
 from trainer.loop import train
 
 logger = logging.getLogger(__name__)
@@ -122,18 +123,23 @@ def run_stages(cfg: Config, resume: str = "auto") -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path, tokenizer, rows, summaries = cfg.model.path, cfg.model.tokenizer, [], []
-    for index, stage in enumerate(cfg.stages):
-        stage_cfg = stage_config(cfg, index, model_path, tokenizer)
-        if index:
-            write_lineage(stage_cfg, Path(model_path).parent)
-        logger.info("stage %d/%d: %s (%d steps on %s)", index + 1, len(cfg.stages), stage.name, stage.steps, stage.train)
-        summary = train(stage_cfg, resume)
-        if not rows:
-            rows.append(("start", summary["start"]))
-        rows.append((stage.name, summary["end"]))
-        summaries.append(summary)
-        write_forgetting(run_dir, forgetting_table(rows))
-        model_path, tokenizer = summary["checkpoint"], None
+    warm = WarmActors()  # each stage takes over the previous stage's engines and learners
+    try:
+        for index, stage in enumerate(cfg.stages):
+            stage_cfg = stage_config(cfg, index, model_path, tokenizer)
+            if index:
+                write_lineage(stage_cfg, Path(model_path).parent)
+            logger.info("stage %d/%d: %s (%d steps on %s)", index + 1, len(cfg.stages), stage.name, stage.steps,
+                        stage.train)
+            summary = train(stage_cfg, resume, warm=warm)
+            if not rows:
+                rows.append(("start", summary["start"]))
+            rows.append((stage.name, summary["end"]))
+            summaries.append(summary)
+            write_forgetting(run_dir, forgetting_table(rows))
+            model_path, tokenizer = summary["checkpoint"], None
+    finally:
+        warm.close()
     table = forgetting_table(rows)
     summary = {"run_dir": str(run_dir), "checkpoint": model_path, "stages": summaries, "forgetting": table}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from core.errors import StaleRolloutError
 from rollout.batch import Rollout
-from trainer.data import Example, PromptSampler
-from trainer.errors import StaleRolloutError
+from trainer.data.records import Example
+from trainer.data.sampler import PromptSampler
 
 MAX_POLICY_LAG = 1
 """train.async trains on rollouts at most this many policy versions old."""

@@ -9,9 +9,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from core.errors import ConfigError
 from trainer.config import Config, config_to_dict
-from trainer.errors import ConfigError
-from trainer.progress import Progress
+from trainer.monitoring.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, cfg: Config, resumed_at: int | None = None):
         """`resumed_at`: a resumed run's checkpoint step; what was logged after it is redone, so
-        TensorBoard drops it (as `trainer.checkpoint.truncate_logs` does for the JSONL files)."""
+        TensorBoard drops it (as `trainer.lifecycle.checkpoint.truncate_logs` does for the JSONL files)."""
         self.path = run_dir / "metrics.jsonl"
         self.sinks = []
         if cfg.log.tensorboard:

@@ -20,9 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
-from trainer.data import DataReport, PromptSampler
-from trainer.errors import ConfigError
-from trainer.metrics import read_metrics
+from core.errors import ConfigError
+from trainer.data.records import DataReport
+from trainer.data.sampler import PromptSampler
+from trainer.monitoring.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 

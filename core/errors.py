@@ -1,4 +1,5 @@
-"""Typed, picklable errors. Ray re-raises them across processes, so each takes one message string."""
+"""Typed, picklable errors, shared by every layer. Ray re-raises them across processes, so each
+takes one message string."""
 
 
 class SelfDistillError(Exception):

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
-from trainer.errors import SelfDistillError  # noqa: E402
+from core.errors import SelfDistillError  # noqa: E402
 
 PHASES = ("generate", "score", "train", "sync")
 SMOOTHING = 0.9

@@ -1,6 +1,6 @@
-"""What each `loss.mode` needs between sampling and the learner step: the rollouts to train on,
-their rewards, group advantages, the teacher prompts (dataset or sibling contexts), SSD's length
-filter and SFT's demonstration targets. Step functions: each returns data and metrics, none keeps state.
+"""What each `loss.mode` makes of a step's rollouts before the learner step: their rewards, group
+advantages, the teacher prompts (dataset or sibling contexts) and SSD's length filter. Step
+functions: each returns data and metrics, none keeps state.
 
     distill  rollouts of the student → teacher prompts (dataset context, or a successful sibling's)
              [+ rl_coef × GRPO term on the group advantages]
@@ -17,64 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from rollout.batch import Rollout
-from rollout.pool import EnginePool
 from rollout.prompts import encode_prompt, teacher_prompt
-from trainer import losses
 from trainer.config import Config
-from trainer.data import Example
-from trainer.steps import EncodedPrompts, sample_rollouts
-
-
-def uses_teacher(cfg: Config) -> bool:
-    return cfg.loss.mode == "distill"
-
-
-def uses_rl(cfg: Config) -> bool:
-    return cfg.loss.mode == "grpo" or cfg.loss.rl_coef > 0
-
-
-# ------------------------------------------------------------------------------------------------
-# Rollouts
-# ------------------------------------------------------------------------------------------------
-
-def collect_rollouts(cfg: Config, students: EnginePool, frozen: EnginePool | None, examples: list[Example],
-                     encoded: EncodedPrompts, tokenizer, version: int, step: int,
-                     adapter: str | None = None) -> list[Rollout]:
-    """The completions this step trains on: the student's samples (served as `adapter` under LoRA
-    adapter sync); the frozen starting model's (ssd, at policy version 0 forever); or the
-    demonstrations themselves (sft)."""
-    if cfg.loss.mode == "sft":
-        return demonstration_rollouts(examples, encoded, tokenizer, cfg.loss.sft_target, version)
-    if cfg.loss.mode == "ssd":
-        return sample_rollouts(frozen, examples, encoded, cfg, 0, step)
-    return sample_rollouts(students, examples, encoded, cfg, version, step, adapter=adapter)
-
-
-def sft_target_ids(example: Example, tokenizer, target: str) -> list[int]:
-    """The completion the student should write, as token ids ending with EOS: the `answer` (the toy
-    world's student writes `132<eos>` after `Q:47+85=`) or the `context` demonstration."""
-    text = example.answer if target == "answer" else example.context
-    if text is None:
-        raise ValueError(f"{example.where}: loss.sft_target={target!r} but the record has no {target}")
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def demonstration_rollouts(examples: list[Example], encoded: EncodedPrompts, tokenizer, target: str,
-                           version: int) -> list[Rollout]:
-    return [Rollout(example_id=e.id, prompt_ids=encoded.student[e.id], completion_ids=sft_target_ids(e, tokenizer, target),
-                    logprobs=[], policy_version=version, finish_reason="stop") for e in examples]
-
-
-def drop_shortest(rollouts: list[Rollout], fraction: float) -> tuple[list[int], dict[str, float]]:
-    """SSD's filter: drops floor(fraction × N) of the samples, shortest completions first (ties by
-    order); returns the indices of the rest, in order."""
-    count = math.floor(fraction * len(rollouts))
-    by_length = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].completion_ids))
-    dropped = set(by_length[:count])
-    kept = [i for i in range(len(rollouts)) if i not in dropped]
-    return kept, {"ssd/dropped_fraction": count / max(len(rollouts), 1),
-                  "ssd/kept_len_min": float(min((len(rollouts[i].completion_ids) for i in kept), default=0))}
-
+from trainer.config.implied import uses_rl, uses_teacher
+from trainer.data.prompts import EncodedPrompts
+from trainer.data.records import Example
+from trainer.learner import losses
+from trainer.step.rollouts import drop_shortest
 
 # ------------------------------------------------------------------------------------------------
 # Rewards

@@ -3,7 +3,7 @@ that keeps producing them (a diverged run only wastes its allocation)."""
 
 import logging
 
-from trainer.errors import DivergedError
+from core.errors import DivergedError
 
 logger = logging.getLogger(__name__)
 

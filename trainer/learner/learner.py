@@ -1,8 +1,12 @@
 """Learner: one data-parallel rank of the student, wrapped in a DeepSpeed ZeRO engine.
 
-A plain class: `trainer.cluster` wraps it in `ray.remote`, and it runs without Ray as well (one
-process per rank, e.g. under torchrun on a GPU machine). On CPU it uses the gloo backend and a
+A plain class: `trainer.cluster.learners` wraps it in `ray.remote`, and it runs without Ray as well
+(one process per rank, e.g. under torchrun on a GPU machine). On CPU it uses the gloo backend and a
 client `torch.optim.AdamW`, so nothing is compiled; on GPUs, NCCL.
+
+A step's loss is the `loss.mode`'s function in `trainer.learner.objectives`; this class owns the
+models (the student under DeepSpeed, the teacher copy, LoRA adapters) and the state around them
+(EMA, exports, checkpoints).
 
 Loss temperature: the divergence compares the *untempered* student and teacher distributions
 (log-softmax of the raw logits), because vLLM's prompt logprobs, which the engine scorer returns,
@@ -12,74 +16,15 @@ the importance weight and the engine–learner logprob gap, computed as log_soft
 """
 
 import contextlib
-import math
 import os
 
 import torch
 
 from rollout.batch import Rollout, TeacherScores
-from trainer import adapters, losses
-from trainer.config import Config, config_from_dict
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def micro_steps(cfg: Config) -> int:
-    """Micro-batches per optimizer step on one rank (the gradient-accumulation steps)."""
-    per_rank = cfg.train.prompts_per_step * cfg.rollout.n // cfg.learner.num
-    return math.ceil(per_rank / cfg.learner.micro_batch)
-
-
-def deepspeed_config(cfg: Config) -> dict:
-    dtype = cfg.model.dtype
-    return {
-        "train_micro_batch_size_per_gpu": cfg.learner.micro_batch,
-        "gradient_accumulation_steps": micro_steps(cfg),
-        "gradient_clipping": cfg.learner.grad_clip or 0.0,
-        "zero_optimization": {"stage": cfg.learner.zero_stage},
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
-        "zero_allow_untested_optimizer": True,  # the client AdamW: nothing to compile on CPU
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def lr_lambda(cfg: Config):
-    """Linear warm-up, then constant or cosine decay to zero at `train.steps`."""
-    warmup, total, schedule = cfg.learner.warmup_steps, cfg.train.steps, cfg.learner.schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
-
-
-def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
-    """Logits that predict each completion token, flattened over the batch: [T_total, V].
-
-    Prompts are left-padded and completions right-padded, so every completion starts in the same
-    column and `logits_to_keep` sends only the completion columns through the LM head (the [B, L, V]
-    logits of whole sequences are never built). Position ids skip the left padding, as the engine
-    sees no padding at all. The model's own forward runs, so models that post-process their
-    logits (soft-capping, scaling) are scored as they generate.
-    """
-    width_p, width_c = max(len(p) for p in prompts), max(len(c) for c in completions)
-    device = next(model.parameters()).device
-    input_ids = torch.zeros((len(prompts), width_p + width_c), dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        start = width_p - len(p)
-        input_ids[row, start:width_p + len(c)] = torch.tensor(p + c, device=device)
-        attention_mask[row, start:width_p + len(c)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # columns width_p - 1 ... width_p + width_c - 2 predict the completion tokens
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width_c + 1).logits[:, :-1]
-    return torch.cat([logits[row, :len(c)] for row, c in enumerate(completions)])
+from trainer.config import config_from_dict
+from trainer.learner import adapters, objectives
+from trainer.learner.forward import WithKwargs, completion_logits
+from trainer.learner.optim import DTYPES, deepspeed_config, lr_lambda, micro_steps
 
 
 class Learner:
@@ -88,7 +33,6 @@ class Learner:
 
     def __init__(self, config: dict, rank: int, world_size: int, master_addr: str, master_port: int,
                  cpu_threads: int = 1):
-        self.cfg = cfg = config_from_dict(config)
         self.rank, self.world_size = rank, world_size
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
@@ -96,9 +40,19 @@ class Learner:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)  # the driver's share of the node's cores (trainer.cluster)
         import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.configure(config)
+
+    def configure(self, config: dict) -> int:
+        """Builds the models, the optimizer and the DeepSpeed engine for `config`, from its
+        `model.path`, as a fresh rank would. A rank that trained a run before is reconfigured this
+        way for the next run of the same driver (`trainer.cluster.warm`): its process, imports and
+        process group stay, nothing of the old run does. Every rank must call it (ZeRO-3 is collective)."""
+        import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self._release()
+        self.cfg = cfg = config_from_dict(config)
         torch.manual_seed(cfg.train.seed)
         dtype = DTYPES[cfg.model.dtype]
         self.lora = cfg.model.lora.r > 0
@@ -116,6 +70,15 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        return self.rank
+
+    def _release(self):
+        """Drops the previous run's models and engine, and its ZeRO-3 marker: transformers reads a
+        live `HfDeepSpeedConfig` as "partition every model built from now on"."""
+        import gc
+        for name in ("engine", "optimizer", "scheduler", "teacher", "_ema_master", "_hf_ds_config"):
+            self.__dict__.pop(name, None)
+        gc.collect()
 
     def _build_teacher(self, auto_cls, dtype):
         cfg = self.cfg.teacher
@@ -177,98 +140,24 @@ class Learner:
         return metrics
 
     def _micro_step(self, rollouts, teacher_prompts, scores) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum of per-token losses over a micro-batch, and token-summed statistics for logging.
-        Log-probabilities are gathered for a few tokens per position against a chunked fp32
-        logsumexp, so no [T, V] fp32 log-softmax is ever held (only the `full` estimator reads every
-        vocabulary entry, chunk by chunk)."""
+        """Sum of per-token losses over a micro-batch, and token-summed statistics for logging: the
+        `loss.mode`'s function in `trainer.learner.objectives`."""
         if not rollouts:  # an empty micro-batch still joins the collective step, with zero loss
             return sum(p.sum() * 0.0 for p in self.engine.module.parameters()), {}
-        loss_cfg, temperature = self.cfg.loss, self.cfg.rollout.temperature
-        prompts = [r.prompt_ids for r in rollouts]
-        completions = [r.completion_ids for r in rollouts]
-        tokens_T1 = torch.tensor([t for c in completions for t in c], device=self.device)[:, None]
-        mask = losses.completion_mask([len(c) for c in completions], max(len(c) for c in completions),
-                                      skip_first=loss_cfg.mask_first_tokens)
-        mask_T = torch.cat([mask[i, :len(c)] for i, c in enumerate(completions)]).to(self.device).bool()
-
+        batch = objectives.micro_batch(rollouts, self.cfg.loss.mask_first_tokens, self.device)
         with self._student_dropout():
-            student_logits = completion_logits(self.engine, prompts, completions)
-        if loss_cfg.mode in ("sft", "ssd"):  # plain cross-entropy on the given completions: no teacher, no rewards
-            per_token = losses.token_cross_entropy(student_logits, tokens_T1[:, 0])
-            with torch.no_grad():
-                stats = {"tokens": mask_T.sum().item(), "sft/loss": torch.where(mask_T, per_token, 0.0).sum().item()}
-            return torch.where(mask_T, per_token, 0.0).sum(), stats
-        student_lse = losses.chunked_logsumexp(student_logits)
-        student_token_lp = losses.gather_logprobs(student_logits, tokens_T1, student_lse)[:, 0]
-        with torch.no_grad():  # the sampling distribution, for the health gap and importance weights
-            detached = student_logits.detach()
-            rollout_lse = losses.chunked_logsumexp(detached, temperature=temperature)
-            rollout_token_lp = losses.gather_logprobs(detached, tokens_T1, rollout_lse, temperature=temperature)[:, 0]
-        engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs], device=self.device)
-
-        rl_T = self._rl_term(rollouts, student_logits, tokens_T1, student_token_lp, engine_lp)
-        if loss_cfg.mode == "grpo":
-            with torch.no_grad():
-                stats = {"tokens": mask_T.sum().item(), "rl/pg_loss": torch.where(mask_T, rl_T, 0.0).sum().item(),
-                         "health/engine_trainer_logprob_gap": torch.where(mask_T, (rollout_token_lp - engine_lp).abs(), 0.0).sum().item()}
-                stats |= self._importance_stats(rollout_token_lp, engine_lp, mask_T)
-            return torch.where(mask_T, rl_T, 0.0).sum(), stats
-
-        teacher_logits = None
+            student_logits = completion_logits(self.engine, batch.prompts, batch.completions)
+        mode = self.cfg.loss.mode
+        if mode in ("sft", "ssd"):
+            return objectives.cross_entropy(student_logits, batch)
+        if mode == "grpo":
+            return objectives.grpo(student_logits, batch, self.cfg)
         if self.cfg.teacher.scorer == "learner":
-            with torch.no_grad():
-                teacher_logits = self._teacher_logits(teacher_prompts, completions)
-                teacher_lse = losses.chunked_logsumexp(teacher_logits)
-                teacher_token_lp = losses.gather_logprobs(teacher_logits, tokens_T1, teacher_lse)[:, 0]
-                topk_ids = teacher_logits.topk(loss_cfg.topk, dim=-1).indices
-                topk_lp = losses.gather_logprobs(teacher_logits, topk_ids, teacher_lse)
+            teacher = objectives.targets_from_logits(self._teacher_logits(teacher_prompts, batch.completions), batch,
+                                                     self.cfg.loss.topk)
         else:
-            teacher_token_lp = torch.tensor([lp for s in scores for lp in s.token_logprobs], device=self.device)
-            topk_ids = torch.tensor([ids for s in scores for ids in s.topk_ids], device=self.device)
-            topk_lp = torch.tensor([lps for s in scores for lps in s.topk_logprobs], device=self.device)
-        student_topk_lp = losses.gather_logprobs(student_logits, topk_ids, student_lse) if topk_ids.numel() else None
-
-        per_token = self._per_token_loss(student_logits, teacher_logits, student_token_lp, teacher_token_lp,
-                                         student_topk_lp, topk_lp, rollout_token_lp, engine_lp)
-        if loss_cfg.is_cap is not None and loss_cfg.estimator != "sampled":
-            # full and top-k take the expectation over y_t exactly, at prefixes the engine's policy drew:
-            # the learner's policy may have moved since (train.async's lag, numerics), so each position
-            # is reweighted by its prefix's truncated importance weight (the sampled estimator and the
-            # RL term weight their own token instead)
-            per_token = losses.prefix_importance_weights(rollout_token_lp, engine_lp, [len(c) for c in completions],
-                                                         cap=loss_cfg.is_cap) * per_token
-        # no distillation where the sibling context found no successful sibling; the RL term stays
-        distill_T = torch.tensor([r.distill for r in rollouts for _ in r.completion_ids], device=self.device)
-        per_token = torch.where(distill_T, per_token, 0.0)
-        loss_T = per_token if rl_T is None else per_token + loss_cfg.rl_coef * rl_T
-        loss = torch.where(mask_T, loss_T, 0.0).sum()  # `where`, not a product: a masked inf stays out
-        with torch.no_grad():
-            def total(values):
-                return torch.where(mask_T, values, 0.0).sum().item()
-            stats = {
-                "tokens": mask_T.sum().item(),
-                "distill/loss": total(per_token),
-                "distill/kl": total(student_token_lp - teacher_token_lp),
-                "distill/teacher_logprob": total(teacher_token_lp),
-                "distill/student_logprob": total(student_token_lp),
-                "health/engine_trainer_logprob_gap": total((rollout_token_lp - engine_lp).abs()),
-            }
-            stats |= self._importance_stats(rollout_token_lp, engine_lp, mask_T)
-            if student_topk_lp is not None:
-                stats["distill/topk_mass"] = total(losses.topk_mass(student_topk_lp))
-            if rl_T is not None:
-                stats["rl/pg_loss"] = total(rl_T)
-        return loss, stats
-
-    def _importance_stats(self, rollout_token_lp, engine_lp, mask_T) -> dict[str, float]:
-        """Token sums of the per-token importance weight π_learner/π_engine and of its capped share,
-        when loss.is_cap is set: how far the engines' policy is from the learner's."""
-        cap = self.cfg.loss.is_cap
-        if cap is None:
-            return {}
-        weights = losses.importance_weights(rollout_token_lp, engine_lp)
-        return {"health/is_weight": torch.where(mask_T, weights, 0.0).sum().item(),
-                "health/is_capped_fraction": torch.where(mask_T, weights > cap, False).sum().item()}
+            teacher = objectives.targets_from_scores(scores, batch)
+        return objectives.distill(student_logits, batch, self.cfg, teacher)
 
     def _student_dropout(self):
         """LoRA dropout, when configured, is on in the student's training forward only."""
@@ -276,45 +165,16 @@ class Learner:
             return adapters.adapter_dropout(self.engine.module, on=True)
         return contextlib.nullcontext()
 
+    @torch.no_grad()
     def _teacher_logits(self, teacher_prompts, completions) -> torch.Tensor:
         """The teacher's completion logits, in eval mode (no dropout of any kind) and without gradient."""
         if self.lora:
             name = adapters.teacher_adapter(self.cfg.teacher.weights)
             model = self.engine.module
             forward = lambda **kw: model(**kw, adapter_names=[name] * kw["input_ids"].shape[0])  # noqa: E731
-            return completion_logits(_Forward(forward, model), teacher_prompts, completions)
+            return completion_logits(WithKwargs(forward, model), teacher_prompts, completions)
         return completion_logits(self.teacher if self.teacher is not None else self.engine.module,
                                  teacher_prompts, completions)
-
-    def _per_token_loss(self, student_logits, teacher_logits, student_token_lp, teacher_token_lp,
-                        student_topk_lp, topk_lp, rollout_token_lp, engine_lp) -> torch.Tensor:
-        cfg = self.cfg.loss
-        if cfg.estimator == "full":
-            return losses.chunked_token_divergence(student_logits, teacher_logits, kind=cfg.divergence,
-                                                   beta=cfg.jsd_beta, clip_tau=cfg.clip_tau)
-        if cfg.estimator == "topk":
-            return losses.topk_divergence(student_topk_lp, topk_lp, kind=cfg.divergence,
-                                          beta=cfg.jsd_beta, tail=True, clip_tau=cfg.clip_tau)
-        # sampled: the importance weight compares the learner's and the engine's sampling distributions
-        old = None
-        if cfg.is_cap is not None:
-            old = student_token_lp.detach() - (rollout_token_lp - engine_lp)
-        return losses.sampled_token_pg(student_token_lp, teacher_token_lp, old_logprob_T=old, is_cap=cfg.is_cap)
-
-    def _rl_term(self, rollouts, student_logits, tokens_T1, student_token_lp, engine_lp) -> torch.Tensor | None:
-        """GRPO's policy-gradient term per token (None when neither loss.mode=grpo nor loss.rl_coef asks
-        for it), on the log-probs of the sampling distribution (logits / rollout.temperature), with the
-        truncated importance weight against the engine's logprobs when loss.is_cap is set."""
-        cfg, temperature = self.cfg.loss, self.cfg.rollout.temperature
-        if cfg.mode != "grpo" and not cfg.rl_coef:
-            return None
-        logprob_T = student_token_lp
-        if temperature != 1.0:
-            lse = losses.chunked_logsumexp(student_logits, temperature=temperature)
-            logprob_T = losses.gather_logprobs(student_logits, tokens_T1, lse, temperature=temperature)[:, 0]
-        advantage_T = torch.tensor([r.advantage for r in rollouts for _ in r.completion_ids], device=self.device)
-        return losses.policy_gradient(logprob_T, advantage_T, old_logprob_T=engine_lp if cfg.is_cap else None,
-                                      is_cap=cfg.is_cap)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -447,6 +307,7 @@ class Learner:
                 "optimizer_state": nbytes(state) + nbytes(fp32_partitions),
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
+
 def _rng_state() -> dict:
     import random
 
@@ -466,17 +327,3 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-class _Forward:
-    """A model whose forward adds fixed keyword arguments (here peft's per-row `adapter_names`);
-    `completion_logits` reads its parameters for the device."""
-
-    def __init__(self, forward, model):
-        self._forward, self._model = forward, model
-
-    def __call__(self, **kwargs):
-        return self._forward(**kwargs)
-
-    def parameters(self):
-        return self._model.parameters()

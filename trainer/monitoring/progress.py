@@ -3,7 +3,7 @@
 On a terminal it is one bar redrawn in place (tqdm). Anywhere else (`ray job logs`, a file, CI) a
 redrawn bar turns into carriage-return spam, so it is one plain log line every few steps instead:
 
-    12:01:07 trainer.progress: step 40/400 (10%) | 0.84 s/step | ETA 5m02s | reward 0.438 | kl 0.0912 | eval addition 31.6%
+    12:01:07 trainer.monitoring.progress: step 40/400 (10%) | 0.84 s/step | ETA 5m02s | reward 0.438 | kl 0.0912 | eval addition 31.6%
 """
 
 import logging

@@ -1,0 +1,91 @@
+"""Checks that span fields, run when a `Config` is built: impossible combinations fail when the
+config loads, never in the middle of a run. Each problem is a (field path, message) pair; the
+loader adds where the field was set (`file:line` or the override)."""
+
+import re
+import string
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # sections imports this module to run the checks
+    from trainer.config.sections import Config
+
+
+def cross_field_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """Checks that span fields; returns (field path, message) pairs, empty when the config is sound."""
+    problems = []
+    if not cfg.model.path:
+        problems.append(("model.path", "is required (a directory written by save_pretrained)"))
+    if not cfg.data.train and not cfg.stages:
+        problems.append(("data.train", "is required (a .jsonl/.parquet file or a datasets directory)"))
+    for i, stage in enumerate(cfg.stages):
+        if not stage.train:
+            problems.append((f"stages.{i}.train", "is required (a .jsonl/.parquet file or a datasets directory)"))
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", stage.name):
+            problems.append((f"stages.{i}.name", f"must be letters, digits, '.', '_' or '-' (it names a directory), "
+                                                 f"got {stage.name!r}"))
+    names = [stage.name for stage in cfg.stages]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append((f"stages.{names.index(name)}.name", f"{name!r} names more than one stage"))
+    if cfg.loss.estimator == "full" and cfg.teacher.scorer != "learner":
+        problems.append(("loss.estimator", "'full' needs the full-vocabulary teacher of teacher.scorer='learner' "
+                                           f"(got teacher.scorer={cfg.teacher.scorer!r}); "
+                                           "the engine scorer gives only top-k logprobs: use estimator 'topk' or 'sampled'"))
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.template) if name is not None}
+    except ValueError as e:  # e.g. a lone '{'
+        fields = {f"<{e}>"}
+    if fields != {"prompt", "context"}:
+        problems.append(("teacher.template", f"must use exactly the fields {{prompt}} and {{context}}, got {sorted(fields)}"))
+    if cfg.rollout.min_tokens > cfg.rollout.max_tokens:
+        problems.append(("rollout.min_tokens", f"must be at most rollout.max_tokens={cfg.rollout.max_tokens}, "
+                                               f"got {cfg.rollout.min_tokens}"))
+    if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
+        problems.append(("rollout.top_k", f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}"))
+    if cfg.loss.estimator == "sampled" and cfg.loss.divergence != "reverse_kl":
+        problems.append(("loss.divergence", f"the 'sampled' estimator is the policy gradient of reverse_kl; "
+                                            f"got {cfg.loss.divergence!r}: use estimator 'topk' or 'full' for it"))
+    sequences = cfg.train.prompts_per_step * cfg.rollout.n
+    if sequences % cfg.learner.num:
+        problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
+                                        f"rank gets the same share, got {cfg.learner.num}"))
+    problems += _objective_problems(cfg)
+    if not cfg.model.lora.target_modules:
+        problems.append(("model.lora.target_modules", "must name at least one module, or be [all-linear]"))
+    if cfg.rollout.backend == "transformers" and cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter":
+        problems.append(("model.lora.sync", "'adapter' needs vLLM's LoRA serving; rollout.backend='transformers' "
+                                            "takes merged weights only: set model.lora.sync=merged"))
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
+        problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
+    return problems
+
+
+def _objective_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """Checks of loss.mode, the RL term and the sibling teacher context."""
+    problems = []
+    mode, uses_rl = cfg.loss.mode, cfg.loss.mode == "grpo" or cfg.loss.rl_coef > 0
+    if cfg.loss.rl_coef > 0 and mode != "distill":
+        problems.append(("loss.rl_coef", f"adds the RL term to the distillation loss; loss.mode={mode!r} "
+                                         "has none (grpo is the RL term alone)"))
+    needs_groups = [what for what, on in (("the RL term", uses_rl), ("teacher.context='sibling'",
+                                                                     cfg.teacher.context == "sibling")) if on]
+    if needs_groups and cfg.rollout.n < 2:
+        problems.append(("rollout.n", f"{' and '.join(needs_groups)} compares samples of the same prompt: "
+                                      f"needs rollout.n >= 2, got {cfg.rollout.n}"))
+    if needs_groups and not cfg.rewards:
+        problems.append(("rewards", f"{' and '.join(needs_groups)} needs at least one reward function"))
+    if cfg.teacher.context == "sibling" and mode != "distill":
+        problems.append(("teacher.context", f"'sibling' builds the distillation teacher's context; "
+                                            f"loss.mode={mode!r} uses no teacher"))
+    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.sibling_template) if name is not None}
+    if "solution" not in fields or not fields <= {"solution", "feedback"}:
+        problems.append(("teacher.sibling_template", f"must use {{solution}} and may use {{feedback}}, got {sorted(fields)}"))
+    if cfg.train.async_ and mode == "sft":
+        problems.append(("train.async", "loss.mode='sft' samples nothing: there is no generation to overlap"))
+    if cfg.train.async_ and mode in ("distill", "grpo") and cfg.loss.is_cap is None:
+        problems.append(("loss.is_cap", "train.async trains on rollouts one policy version old; set the truncated "
+                                        "importance weight's cap that corrects for it (e.g. 2.0)"))
+    if mode == "sft" and cfg.rollout.n != 1:
+        problems.append(("rollout.n", f"loss.mode='sft' trains on one demonstration per prompt: needs 1, got {cfg.rollout.n}"))
+    if mode == "sft" and cfg.loss.sft_target == "answer" and cfg.data.columns.answer is None:
+        problems.append(("loss.sft_target", "'answer' needs data.columns.answer (it is null)"))
+    return problems

@@ -1,0 +1,49 @@
+"""Every prompt rendered and tokenized once, before the loop: the student's and the teacher's, and
+the records whose prompts leave no room for a completion."""
+
+from dataclasses import dataclass
+
+from core.errors import DataError
+from rollout.prompts import encode_prompt, teacher_prompt
+from trainer.data.records import DataReport, Example
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Student and teacher prompt token ids by example id."""
+
+    student: dict[str, list[int]]
+    teacher: dict[str, list[int]]
+
+
+def encode_prompts(examples: list[Example], tokenizer, template: str) -> EncodedPrompts:
+    """Renders and tokenizes every prompt once, before the loop, so the step does neither."""
+    return EncodedPrompts(
+        student={e.id: encode_prompt(e.prompt, tokenizer) for e in examples},
+        teacher={e.id: encode_prompt(teacher_prompt(e.prompt, e.context, template), tokenizer) for e in examples})
+
+
+def drop_overlong(examples: list[Example], encoded: EncodedPrompts, max_model_len: int, max_tokens: int,
+                  on_invalid: str, report: DataReport) -> list[Example]:
+    """Keeps the examples whose student and teacher prompts leave room for `max_tokens` completion
+    tokens within `max_model_len`. Any other is a DataError naming its file, line and field, or, with
+    on_invalid='skip', is counted in `report`. (vLLM would refuse such a prompt in the middle of a step.)"""
+    budget = max_model_len - max_tokens
+    kept = []
+    for e in examples:
+        problem = None
+        for who, ids, field in (("student", encoded.student, "prompt"), ("teacher", encoded.teacher, "context")):
+            if len(ids[e.id]) > budget:
+                problem = (f"field '{field}': the {who} prompt is {len(ids[e.id])} tokens; with rollout.max_tokens="
+                           f"{max_tokens} it does not fit model.max_model_len={max_model_len}")
+                break
+        if problem is None:
+            kept.append(e)
+        elif on_invalid == "error":
+            raise DataError(f"{e.where}: {problem}")
+        else:
+            report.skipped.append(f"{e.where}: {problem}")
+    report.kept = len(kept)
+    if not kept:
+        raise DataError(f"{report.path}: no valid records ({len(report.skipped)} skipped)")
+    return kept

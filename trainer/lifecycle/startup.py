@@ -1,0 +1,160 @@
+"""Everything a run needs before its first step, and after its last: the validated inputs (data,
+prompts, tokenizer, rewards), the actors (engines, learners, the weight transport), the state a
+resume restores, and the summary. `trainer.loop.train` calls these so that the step loop stays in
+view.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+import rewards
+from rollout.pool import EnginePool
+from rollout.weights import ObjectStoreTransport
+from trainer.cluster.engines import build_engines
+from trainer.cluster.learners import LearnerGroup
+from trainer.cluster.placement import placement_report, start_ray
+from trainer.cluster.warm import WarmActors, engine_key, learner_key
+from trainer.config import Config
+from trainer.config.implied import needs_teacher_engine
+from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
+from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
+from trainer.data.sampler import PromptSampler
+from trainer.lifecycle.checkpoint import data_summary, restore_sampler, summarize, truncate_logs
+from trainer.step.sync import sync_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """The run's validated data, its prompts tokenized once, and its reward functions."""
+
+    tokenizer: object
+    train_set: list[Example]
+    eval_set: list[Example]
+    encoded_train: EncodedPrompts
+    encoded_eval: EncodedPrompts
+    train_report: DataReport
+    eval_report: DataReport | None
+    data_fingerprint: str
+    reward_fns: dict
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    """Reads and validates the data (every problem names its file, line and field), tokenizes the
+    student and teacher prompts, drops or refuses the ones that leave no room for a completion, and
+    resolves the reward functions."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    train_set, train_report = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
+    eval_set, eval_report = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
+    encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
+    encoded_eval = encode_prompts(eval_set, tokenizer, cfg.teacher.template)
+    max_model_len = cfg.model.max_model_len or AutoConfig.from_pretrained(cfg.model.path).max_position_embeddings
+    train_set = drop_overlong(train_set, encoded_train, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                              train_report)
+    if eval_set:
+        eval_set = drop_overlong(eval_set, encoded_eval, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
+                                 eval_report)
+    return Inputs(tokenizer, train_set, eval_set, encoded_train, encoded_eval, train_report, eval_report,
+                  fingerprint(train_set), rewards.resolve(cfg.rewards))
+
+
+@dataclass
+class Actors:
+    """The run's Ray actors: engines by role, the learner ranks, and the transport between them."""
+
+    students: EnginePool
+    """Sample the student's rollouts and evaluate it; with `ssd`, one engine that only evaluates."""
+    frozen: EnginePool | None
+    """SSD: the frozen starting model that samples the training completions."""
+    teachers: EnginePool | None
+    """A separate teacher engine, when the engine scores with weights other than the student's."""
+    learners: LearnerGroup
+    transport: ObjectStoreTransport
+    warm: WarmActors | None = None
+    """Where the actors go after the run, for the driver's next run; None = they are freed."""
+    keys: list[tuple] = field(default_factory=list)
+    """Each pool's and the learner group's `trainer.cluster.warm` key, in `groups()` order."""
+
+    @property
+    def scoring(self) -> EnginePool:
+        """The engines the teacher scores (and is evaluated) on: its own, or the students'."""
+        return self.teachers or self.students
+
+    def engine_pools(self) -> list[EnginePool]:
+        return [pool for pool in (self.students, self.frozen, self.teachers) if pool is not None]
+
+    def drain_restarts(self) -> list[dict]:
+        """The engines that died and were restarted since the last call."""
+        return [restart for pool in self.engine_pools() for restart in pool.drain_restarts()]
+
+    def close(self):
+        groups = [*self.engine_pools(), self.learners]
+        if self.warm is not None:
+            self.warm.keep(list(zip(self.keys, groups, strict=True)))
+            return
+        for group in groups:
+            group.close()
+
+
+def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> Actors:
+    """Joins or starts Ray, starts every engine and learner rank (or, with `warm`, takes over the
+    driver's idle ones that were built the same way), and writes `placement.json`."""
+    start_ray(cfg)
+    # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
+    ssd = cfg.loss.mode == "ssd"
+    wanted = [("student", 1 if ssd else cfg.rollout.engines, True), ("frozen", cfg.rollout.engines, ssd),
+              ("teacher", 1, needs_teacher_engine(cfg))]
+    pools, taken_over, starting = {}, [], []
+    for role, count, needed in wanted:  # new actors start side by side: their imports and loading overlap
+        if not needed:
+            pools[role] = None
+            continue
+        pools[role], old = warm.engines(cfg, count, role) if warm is not None else \
+            (build_engines(cfg, count, role, wait=False), False)
+        (taken_over if old else starting).append(pools[role])
+    learners = warm.learners(cfg) if warm is not None else LearnerGroup(cfg, wait=False)
+    for group in [*starting, learners]:
+        group.wait_started()
+    transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
+    if taken_over:  # they hold the last run's weights: give them this run's starting weights
+        starting_weights = learners.export("student")
+        for pool in taken_over:
+            pool.start_over(transport, starting_weights)
+    placement = placement_report(cfg, pools["student"], pools["teacher"], learners)
+    (run_dir / "placement.json").write_text(json.dumps(placement, indent=1))
+    keys = ([engine_key(cfg, count, role) for role, count, needed in wanted if needed] + [learner_key(cfg)]
+            if warm is not None else [])
+    return Actors(pools["student"], pools["frozen"], pools["teacher"], learners, transport, warm, keys)
+
+
+def restore_run(cfg: Config, checkpoint: Path, state: dict, actors: Actors, sampler: PromptSampler,
+           data_fingerprint: str, run_dir: Path) -> tuple[int, int, int]:
+    """Restores the learners and the sampler from `checkpoint`, drops the logs of the steps it will
+    redo, and pushes the restored weights to every engine before the first rollout. Returns the
+    step, the policy version and the teacher's version to continue from."""
+    done, version, teacher_version = state["step"], state["policy_version"], state["teacher_version"]
+    actors.learners.load(str(checkpoint))
+    restore_sampler(sampler, state, data_fingerprint, run_dir, checkpoint)
+    truncate_logs(run_dir, done)
+    sync_weights(cfg, actors.learners, actors.transport, actors.students, actors.teachers, version, teacher_version)
+    return done, version, teacher_version
+
+
+def write_summary(run_dir: Path, checkpoint: Path | None, steps: int, started: float, stopped_by: str | None,
+                  inputs: Inputs, health: dict) -> dict:
+    """`summary.json`: start and end evaluation, health counters, and what the data loading kept."""
+    summary = summarize(run_dir, checkpoint, steps, started, stopped_by=stopped_by)
+    summary["health"] = health
+    summary["data"] = {"train": data_summary(inputs.train_report)} | (
+        {"eval": data_summary(inputs.eval_report)} if inputs.eval_set else {})
+    for report in (inputs.train_report, inputs.eval_report):
+        if report is not None and report.skipped:
+            logger.warning("%s: %d invalid record(s) skipped (data.on_invalid=skip), %d kept; first: %s",
+                           report.path, len(report.skipped), report.kept, report.skipped[0])
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

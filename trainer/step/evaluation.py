@@ -1,0 +1,29 @@
+"""Held-out greedy accuracy per task, through the engines."""
+
+import statistics
+from collections import defaultdict
+
+from rollout.pool import EnginePool
+from trainer.config import Config
+from trainer.data.prompts import EncodedPrompts
+from trainer.data.records import Example
+
+
+def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
+             version: int, teacher: bool = False, adapter: str | None = None) -> dict[str, float]:
+    """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
+    `eval/<task>/teacher_accuracy` with the teacher prompt."""
+    if not examples:
+        return {}
+    ids = encoded.teacher if teacher else encoded.student
+    rollouts = pool.generate([ids[e.id] for e in examples], [e.id for e in examples],
+                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0,
+                             adapter=adapter)
+    completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    scores = answer_fn([e.prompt for e in examples], completions, answer=[e.answer for e in examples])
+    per_task = defaultdict(list)
+    for example, score in zip(examples, scores, strict=True):
+        if score is not None:
+            per_task[example.task].append(score)
+    name = "teacher_accuracy" if teacher else "accuracy"
+    return {f"eval/{task}/{name}": statistics.fmean(values) for task, values in per_task.items()}
