@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from trainer import cli
 from trainer.config import load_config
-from trainer.lifecycle.checkpoint import find_checkpoint, resolve_resume, truncate_logs
+from trainer.lifecycle.checkpoint import find_checkpoint, refuse_changed_config, resolve_resume, truncate_logs
 from trainer.lifecycle.continual import forgetting_markdown, forgetting_table
 from trainer.loop import train
 from trainer.monitoring.metrics import read_metrics
@@ -94,6 +94,30 @@ def test_auto_resume_without_checkpoint_starts_over_and_keeps_the_old_logs(tmp_p
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     (aside,) = (tmp_path / "run").glob("attempt-*")
     assert len((aside / "metrics.jsonl").read_text().splitlines()) == 7
+
+
+def test_a_resume_refuses_a_changed_config_but_takes_more_steps_and_new_data(tmp_path):
+    from trainer.config import config_to_dict, dump_config
+    base = load_config(ROOT / "configs" / "toy.yaml")
+    (tmp_path / "config.yaml").write_text(dump_config(base))
+    resumable = load_config(ROOT / "configs" / "toy.yaml", ["train.steps=800", "data.train=other.jsonl",
+                                                            "log.samples_every=5", "ray.placement=spread"])
+    refuse_changed_config(tmp_path, config_to_dict(resumable))  # no error
+    changed = load_config(ROOT / "configs" / "toy.yaml", ["train.steps=800", "loss.divergence=forward_kl",
+                                                          "learner.lr=5e-4"])
+    with pytest.raises(ConfigError) as e:
+        refuse_changed_config(tmp_path, config_to_dict(changed))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'config.yaml'}: the run in {tmp_path} was started with another config")
+    assert "learner.lr: 0.001 -> 0.0005" in message and "loss.divergence: 'reverse_kl' -> 'forward_kl'" in message
+    assert "train.steps" not in message.split("(")[1].split(")")[0]  # listed as changeable, not as changed
+    assert "name=" in message and "--resume never" in message and "selfdistill adapt" in message
+    # an option the stored config does not know yet (added since the run started) is not compared
+    stored = config_to_dict(base)
+    del stored["loss"]["clip_tau"]
+    import yaml
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    refuse_changed_config(tmp_path, config_to_dict(base))
 
 
 def test_truncate_logs_drops_the_steps_a_resume_redoes(tmp_path):
@@ -207,6 +231,14 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
     event = json.loads((tmp_path / "cut" / "resumes.jsonl").read_text().splitlines()[-1])
     assert event["sampler"] == "reset" and event["step"] == 8
     assert [row["step"] for row in read_metrics(tmp_path / "cut")][-2:] == [9, 10]
+
+    # A rerun with other settings is refused, naming them, before anything starts; one whose data
+    # does not exist says so, although the run is complete (it used to print "nothing to do")
+    with pytest.raises(ConfigError, match=r"loss\.divergence: 'reverse_kl' -> 'forward_kl'"):
+        train(load_config(config, [*common, "name=cut", "train.steps=10", f"data.train={subset}",
+                                   "loss.divergence=forward_kl"]), warm=warm_actors)
+    with pytest.raises(DataError, match=r"/some/other\.jsonl: file not found"):
+        train(load_config(config, [*common, "name=cut", "train.steps=10", "data.train=/some/other.jsonl"]))
 
 
 @pytest.mark.slow

@@ -56,3 +56,26 @@ def test_a_groups_threads_come_from_the_cores_of_its_node(local_ray):
     assert group_cpu_threads(cfg, group, None, 2) == max(1, cores // 2)
     assert group_cpu_threads(cfg, group, 7, 2) == 7
     ray.util.remove_placement_group(group)
+
+
+def test_a_models_export_is_served_by_the_same_engines_and_another_architecture_is_not(tmp_path):
+    """`trainer.cluster.warm` hands engines to the next run only for a model of the same architecture
+    and tokenizer: a `save_pretrained` export of the model (as a stage's checkpoint is) qualifies,
+    although it rewrites some fields; another size does not."""
+    from transformers import AutoTokenizer
+
+    from toyworld.base import model_config
+    from toyworld.tokenizer import build_tokenizer
+    from trainer.cluster.warm import model_signature
+    tokenizer = build_tokenizer()
+    for name, size in (("base", "toy"), ("bigger", "bench")):
+        model_config(tokenizer, size).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    # an export: the config and tokenizer as loaded and saved again
+    from transformers import AutoConfig
+    AutoConfig.from_pretrained(tmp_path / "base").save_pretrained(tmp_path / "export")
+    AutoTokenizer.from_pretrained(tmp_path / "base").save_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer_config.json").read_bytes() != \
+        (tmp_path / "base" / "tokenizer_config.json").read_bytes()  # rewritten, as a checkpoint's is
+    assert model_signature(str(tmp_path / "export"), None) == model_signature(str(tmp_path / "base"), None)
+    assert model_signature(str(tmp_path / "bigger"), None) != model_signature(str(tmp_path / "base"), None)

@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import ray
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
 from toyworld.base import PretrainSettings, greedy_completions, model_config
-from toyworld.prepare import prepare
+from toyworld.prepare import build_fingerprint, is_prepared, prepare
 from toyworld.tasks import FAMILIES, TEACHER_TEMPLATE, split_pairs, write_task_files
 from toyworld.tokenizer import CHARACTERS, build_tokenizer
 from trainer.data.records import load_examples
@@ -69,10 +70,17 @@ def test_tokenizer_round_trips_and_reloads(tmp_path):
     assert chat == "Q:1+2="
 
 
-def test_reduced_prepare_is_deterministic_and_cached(tmp_path):
+def test_reduced_prepare_is_deterministic_whatever_the_threads_and_cached_by_its_code(tmp_path):
     settings = PretrainSettings(steps=15)
-    results = prepare(tmp_path / "a", settings)
-    prepare(tmp_path / "b", settings)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        results = prepare(tmp_path / "a", settings)
+        torch.set_num_threads(3)
+        prepare(tmp_path / "b", settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the pretraining's own count does not leak
     for path in ["model/model.safetensors", "model/tokenizer.json", "data/addition/train.jsonl",
                  "data/subtraction/eval.jsonl", "prepare.json"]:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes(), path
@@ -83,6 +91,13 @@ def test_reduced_prepare_is_deterministic_and_cached(tmp_path):
     weights = tmp_path / "a" / "model" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert prepare(tmp_path / "a", settings) == results and weights.stat().st_mtime_ns == stamp
+    # built by other code or other package versions: a stale cache, rebuilt
+    recorded = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert recorded["built_by"] == build_fingerprint()
+    for stale in ({"code": "0" * 16}, {"packages": {**recorded["built_by"]["packages"], "torch": "2.0.0"}}):
+        (tmp_path / "a" / "settings.json").write_text(json.dumps(recorded | {"built_by": recorded["built_by"] | stale}))
+        assert not is_prepared(tmp_path / "a", settings)
+    assert (tmp_path / "a" / "model" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model" / "model.safetensors").read_bytes()
 
 
 def test_prepare_cli_prints_and_writes_accuracies(tmp_path):

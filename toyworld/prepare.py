@@ -9,6 +9,7 @@ DIR/
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -27,9 +28,26 @@ logger = logging.getLogger(__name__)
 
 PREPARE_VERSION = 2  # bump when the recipe changes, so cached toy worlds are rebuilt
 
+PRETRAIN_THREADS = 2
+"""torch threads of the pretraining, whatever the machine has: a CPU's kernels split a matmul's sums
+by thread, so another count takes another numerical path and gives another base model."""
+
+# What builds the toy world: its code (and the answer check its accuracies use) and the packages
+# whose kernels and defaults shape the model; a change to any of them rebuilds a cached toy world.
+BUILD_SOURCES = [Path(__file__).parent / name for name in ("base.py", "tasks.py", "tokenizer.py", "prepare.py")] + [
+    Path(__file__).parents[1] / "rewards" / "answer.py", Path(__file__).parents[1] / "trainer" / "data" / "records.py"]
+BUILD_PACKAGES = ("torch", "transformers", "tokenizers")
+
+
+def build_fingerprint() -> dict:
+    """The code and package versions a toy world was built with."""
+    from importlib.metadata import version
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in BUILD_SOURCES)).hexdigest()[:16]
+    return {"code": code, "packages": {name: version(name) for name in BUILD_PACKAGES}}
+
 
 def _settings_record(settings: PretrainSettings, size: str) -> dict:
-    return {"version": PREPARE_VERSION, "size": size, **dataclasses.asdict(settings)}
+    return {"version": PREPARE_VERSION, "size": size, **dataclasses.asdict(settings), "built_by": build_fingerprint()}
 
 
 def is_prepared(out: Path, settings: PretrainSettings, size: str = "toy") -> bool:
@@ -63,6 +81,19 @@ def prepare(out: str | Path, settings: PretrainSettings = PretrainSettings(), si
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.json").unlink(missing_ok=True)  # written last: its presence marks a finished build
     torch.manual_seed(settings.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        results = _build(out, settings, size)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = round(time.perf_counter() - started, 1)
+    (out / "settings.json").write_text(json.dumps({**_settings_record(settings, size), "seconds": seconds}, indent=1))
+    (out / "prepare.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _build(out: Path, settings: PretrainSettings, size: str) -> dict[str, dict[str, float]]:
     tokenizer = build_tokenizer()
     write_task_files(out / "data", settings.seed)
     train_pairs = {name: split_pairs(family, settings.seed)[0] for name, family in FAMILIES.items()}
@@ -78,12 +109,8 @@ def prepare(out: str | Path, settings: PretrainSettings = PretrainSettings(), si
     staging.rename(out / "model")
 
     # Evaluate the files as saved, loaded the way users and vLLM load them.
-    results = evaluate(AutoModelForCausalLM.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(out / "model"),
-                       out / "data")
-    seconds = round(time.perf_counter() - started, 1)
-    (out / "settings.json").write_text(json.dumps({**_settings_record(settings, size), "seconds": seconds}, indent=1))
-    (out / "prepare.json").write_text(json.dumps(results, indent=1))
-    return results
+    return evaluate(AutoModelForCausalLM.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(out / "model"),
+                    out / "data")
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:

@@ -21,9 +21,10 @@ from trainer.cluster.warm import WarmActors
 from trainer.config import Config, dump_config
 from trainer.config.implied import uses_teacher
 from trainer.data.sampler import PromptSampler
-from trainer.lifecycle.checkpoint import log_rollout_ids, read_state, resolve_resume, save_checkpoint, summarize
+from trainer.lifecycle.checkpoint import log_rollout_ids, read_state, save_checkpoint, summarize
 from trainer.lifecycle.preemption import StopRequests
-from trainer.lifecycle.startup import Actors, Inputs, load_inputs, restore_run, start_actors, write_summary
+from trainer.lifecycle.startup import (Actors, Inputs, load_inputs, restore_run, resume_point, start_actors,
+                                       write_summary)
 from trainer.monitoring.health import SkippedSteps
 from trainer.monitoring.metrics import MetricsLogger, timed
 from trainer.monitoring.samples import sample_records
@@ -42,14 +43,13 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
     `warm`: the driver's idle actors, taken over where they fit and left there after the run."""
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir) / cfg.name
-    checkpoint = resolve_resume(run_dir, resume)
-    state = read_state(checkpoint) if checkpoint else None
+    inputs = load_inputs(cfg)  # every input is validated first, whatever the run directory holds
+    checkpoint, state = resume_point(cfg, run_dir, resume)
     if state and state["step"] >= cfg.train.steps:
         logger.info("%s is complete at step %d; nothing to do", run_dir, state["step"])
         return summarize(run_dir, checkpoint, state["step"], started)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    inputs = load_inputs(cfg)
     sampler = PromptSampler(len(inputs.train_set), cfg.train.seed)
     actors = start_actors(cfg, run_dir, warm)
     student_adapter, teacher_adapter = engine_adapters(cfg)

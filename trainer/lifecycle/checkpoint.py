@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from core.errors import ConfigError
 from trainer.data.records import DataReport
 from trainer.data.sampler import PromptSampler
@@ -112,6 +114,41 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     if checkpoint is None:
         raise ConfigError(f"--resume {resume}: not a checkpoint (step_N/ with state.json) nor a run directory with one")
     return checkpoint
+
+
+RESUMABLE_CHANGES = ("train.steps", "data.train", "data.eval", "train.eval_every", "train.save_every",
+                     "train.keep_checkpoints", "train.max_skipped_steps", "rollout.sync_timeout_s",
+                     "rollout.max_restarts", "rollout.cpu_threads", "learner.cpu_threads", "log.", "ray.")
+"""Config keys (or sections, ending in `.`) a resume may change: how long to train and on which data
+(a changed dataset restarts the sampler, see `restore_sampler`), what is evaluated, logged and
+saved, and where the actors run. Any other change would make the rest of the run another run."""
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        flat |= _flatten(value, path + ".") if isinstance(value, dict) else {path: value}
+    return flat
+
+
+def refuse_changed_config(run_dir: Path, config: dict) -> None:
+    """Before `run_dir`'s run resumes: a ConfigError naming every key whose value differs from the
+    run's `config.yaml` and that a resume may not change (`RESUMABLE_CHANGES`), with the ways out. A
+    key the stored config lacks (an option added since the run started) is not compared."""
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.is_file():
+        return
+    stored, new = _flatten(yaml.safe_load(stored_path.read_text()) or {}), _flatten(config)
+    changed = [key for key in sorted(stored) if stored[key] != new.get(key)
+               and not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                           for allowed in RESUMABLE_CHANGES)]
+    if changed:
+        listed = "; ".join(f"{key}: {stored.get(key)!r} -> {new.get(key)!r}" for key in changed)
+        raise ConfigError(f"{stored_path}: the run in {run_dir} was started with another config ({listed}); "
+                          f"a resume may change only {', '.join(RESUMABLE_CHANGES)}. To train with these "
+                          f"settings, give the run another name=..., start over with --resume never after "
+                          f"deleting the directory, or continue from its checkpoint with `selfdistill adapt`")
 
 
 def truncate_logs(run_dir: Path, step: int):

@@ -18,12 +18,13 @@ from trainer.cluster.engines import build_engines
 from trainer.cluster.learners import LearnerGroup
 from trainer.cluster.placement import placement_report, start_ray
 from trainer.cluster.warm import WarmActors, engine_key, learner_key
-from trainer.config import Config
+from trainer.config import Config, config_to_dict
 from trainer.config.implied import needs_teacher_engine
 from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
 from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
 from trainer.data.sampler import PromptSampler
-from trainer.lifecycle.checkpoint import data_summary, restore_sampler, summarize, truncate_logs
+from trainer.lifecycle.checkpoint import (data_summary, read_state, refuse_changed_config, resolve_resume,
+                                          restore_sampler, summarize, truncate_logs)
 from trainer.step.sync import sync_weights
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,18 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     keys = ([engine_key(cfg, count, role) for role, count, needed in wanted if needed] + [learner_key(cfg)]
             if warm is not None else [])
     return Actors(pools["student"], pools["frozen"], pools["teacher"], learners, transport, warm, keys)
+
+
+def resume_point(cfg: Config, run_dir: Path, resume: str) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run continues from and its driver state; (None, None) for a new run. A run
+    directory's own run resumes only under a config that a resume may change it to
+    (`refuse_changed_config`): a rerun with other settings is an error, not a silent no-op."""
+    checkpoint = resolve_resume(run_dir, resume)
+    if checkpoint is None:
+        return None, None
+    if resume == "auto":
+        refuse_changed_config(run_dir, config_to_dict(cfg))
+    return checkpoint, read_state(checkpoint)
 
 
 def restore_run(cfg: Config, checkpoint: Path, state: dict, actors: Actors, sampler: PromptSampler,
