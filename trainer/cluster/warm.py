@@ -77,8 +77,6 @@ class WarmActors:
 
     def __init__(self):
         self._idle: list[tuple[tuple, EnginePool | LearnerGroup]] = []
-        self.reused = 0
-        """Pools and groups taken over so far."""
 
     def engines(self, cfg: Config, count: int, role: str) -> tuple[EnginePool, bool]:
         """An engine pool for `role`: an idle one built the same way (True: it still holds the old
@@ -116,7 +114,6 @@ class WarmActors:
     def _take(self, key: tuple) -> EnginePool | LearnerGroup | None:
         for i, (idle_key, actors) in enumerate(self._idle):
             if idle_key == key:
-                self.reused += 1
                 return self._idle.pop(i)[1]
         if self._idle and has_gpus():
             logger.info("no waiting actors fit; freeing %d idle actor group(s) for new ones", len(self._idle))
