@@ -262,3 +262,24 @@ def test_a_dead_learner_stops_the_run_naming_it_and_the_last_checkpoint_is_intac
     AutoTokenizer.from_pretrained(latest / "hf")
     for actor in groups[0].actors:
         ray.kill(actor)
+
+
+def test_a_learner_starts_past_a_lock_that_a_killed_extension_build_left(toy_world, tmp_path):
+    """DeepSpeed's CPU backend would JIT-build a shared-memory all-reduce under a per-user lock file at
+    every start; a build killed midway leaves the lock, and every later start waited on it forever.
+    A fresh process with such a lock in its extensions directory starts a learner and leaves it alone."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    start = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_lora_learner import _port\n"
+        "from trainer.config import config_to_dict, load_config\n"
+        "from trainer.learner.learner import Learner\n"
+        f"cfg = load_config('configs/toy.yaml', ['model.path={toy_world / 'model'}', 'data.train=unused.jsonl'])\n"
+        "Learner(config_to_dict(cfg), 0, 1, '127.0.0.1', _port())\n")
+    done = subprocess.run([sys.executable, "-c", start], cwd=ROOT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert lock.exists() and sorted(p.name for p in lock.parent.iterdir()) == ["lock"]

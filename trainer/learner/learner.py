@@ -40,6 +40,8 @@ class Learner:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)  # the driver's share of the node's cores (trainer.cluster)
         import deepspeed
+        if self.device.type == "cpu":
+            _without_shared_memory_all_reduce()
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.configure(config)
 
@@ -327,3 +329,14 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _without_shared_memory_all_reduce() -> None:
+    """Keeps DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce, which only its
+    inference path calls (training reduces through gloo). The build goes to one directory per user
+    (~/.cache/torch_extensions) under a lock file: about 45 s of compiling on 2 cores whenever the
+    installed paths change, and a build killed midway (a learner killed while it starts) leaves the
+    lock behind, so every later learner of that user waits on it forever. DeepSpeed reads this
+    module-level table only to decide whether to build it."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
