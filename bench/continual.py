@@ -19,8 +19,10 @@ Matching: the methods learn B at different speeds, so drops are compared at the 
 accuracy. The target is the lowest of the three methods' best B accuracies (every method reaches
 it); for each method we take the first evaluation at which B accuracy reaches the target, and its
 A drop there: A's accuracy at the start minus that evaluation's.
-ratio = (the smaller self-distillation drop) / (SFT drop). A drop can be negative (A improved); a
-ratio with an SFT drop at or below zero is reported as nan.
+ratio = (the smaller self-distillation drop) / (SFT drop). A drop can be negative (A improved).
+The comparison means nothing when a method never rose above its start on B (the matched point is
+then step 0, where nobody forgot anything) or when SFT lost nothing on A (there is no forgetting to
+compare against): the script then says which, and exits with status 1 instead of printing a ratio.
 
 The last line is `continual: sft_drop=… sd_forward_drop=… sd_reverse_drop=… ratio=…`.
 """
@@ -64,6 +66,17 @@ def matched_drops(curves: dict[str, list[tuple[int, float, float]]], prior_start
         step, new, prior = next(p for p in points if p[1] >= target)
         drops[name] = {"step": step, "new": new, "prior": prior, "drop": prior_start - prior}
     return target, drops
+
+
+def no_comparison(curves: dict[str, list[tuple[int, float, float]]], drops: dict) -> str | None:
+    """Why the matched comparison means nothing, or None when it means something."""
+    for name, points in curves.items():
+        if max(new for _, new, _ in points) <= points[0][1]:
+            return f"{name} never rose above its start on the new task ({points[0][1]:.1%})"
+    if drops["sft"]["drop"] <= 0:
+        return (f"SFT lost nothing on the prior task at the matched point (drop {100 * drops['sft']['drop']:.1f}pt): "
+                "there is no forgetting to compare against")
+    return None
 
 
 def main() -> None:
@@ -119,10 +132,13 @@ def main() -> None:
         print(f"{name:<12}{d['step']:>6}{d['new']:>10.1%}{d['prior']:>12.1%}{100 * d['drop']:>10.1f}pt")
     sft = drops["sft"]["drop"]
     best_sd = min(drops["sd_forward"]["drop"], drops["sd_reverse"]["drop"])
-    ratio = best_sd / sft if sft > 0 else float("nan")
+    reason = no_comparison(curves, drops)
+    ratio = None if reason else best_sd / sft
     (out / "continual.json").write_text(json.dumps({"target": target, "prior_start": prior_start, "drops": drops,
-                                                    "curves": curves, "ratio": ratio}, indent=1))
+                                                    "curves": curves, "ratio": ratio, "no_comparison": reason}, indent=1))
     print(f"({time.perf_counter() - started:.0f} s in all)")
+    if reason:
+        raise SystemExit(f"continual: no comparison: {reason}")
     print(f"continual: sft_drop={sft:.4f} sd_forward_drop={drops['sd_forward']['drop']:.4f} "
           f"sd_reverse_drop={drops['sd_reverse']['drop']:.4f} ratio={ratio:.3f}")
 

@@ -16,7 +16,8 @@ before its first evaluation at or above the target. The last line is
 
 with ratio = grpo_tokens / sd_tokens (> 1: self-distillation needs fewer generated tokens). If
 self-distillation never reaches the target, sd_tokens is reported as `>N` (its whole spend) and
-the ratio as an upper bound `<…`. Generated tokens are what OPSD counts; the teacher's scoring
+the ratio as an upper bound `<…`. When either method never rose above its start, there is no
+comparison: the script says which and exits with status 1. Generated tokens are what OPSD counts; the teacher's scoring
 pass (a prompt-only forward, no sampling) is not included, and wall-clock seconds are printed
 beside them for that reason.
 
@@ -124,6 +125,14 @@ def tokens_to_reach(curve: list[tuple[int, float, float]], target: float) -> flo
     return next((tokens for step, tokens, accuracy in curve if step > 0 and accuracy >= target - 1e-9), None)
 
 
+def no_comparison(sd_curve: list[tuple[int, float, float]], grpo_curve: list[tuple[int, float, float]]) -> str | None:
+    """Why the token comparison means nothing (a method never rose above its start), or None."""
+    for name, curve in (("GRPO", grpo_curve), ("self-distillation", sd_curve)):
+        if max(accuracy for step, _, accuracy in curve if step > 0) <= curve[0][2]:
+            return f"{name} never rose above its start ({curve[0][2]:.3f}) within {curve[-1][0]} steps"
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", default=str(ROOT / ".cache" / "toyworld"))
@@ -176,8 +185,9 @@ def main():
     grpo_tokens = tokens_to_reach(grpo_curve, target)
     sd_tokens = tokens_to_reach(sd_curve, target)
     print(f"target: GRPO's best held-out accuracy after step 0, {target:.3f} (both start at {grpo_curve[0][2]:.3f})")
-    if target <= grpo_curve[0][2]:
-        print("note: GRPO did not improve on the starting accuracy within this budget")
+    reason = no_comparison(sd_curve, grpo_curve)
+    if reason:
+        raise SystemExit(f"efficiency: no comparison: {reason}")
     if sd_tokens is None:
         spent = sd_curve[-1][1]
         print(f"efficiency: sd_tokens=>{spent:.0f} grpo_tokens={grpo_tokens:.0f} ratio=<{grpo_tokens / spent:.2f}")

@@ -32,3 +32,7 @@ class LearnerDiedError(SelfDistillError, RuntimeError):
 
 class DivergedError(SelfDistillError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class ToyWorldError(SelfDistillError, RuntimeError):
+    """A toy world was built, but its base model breaks a promise the recipes rely on."""

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
 from toyworld.base import PretrainSettings, greedy_completions, model_config
-from toyworld.prepare import build_fingerprint, is_prepared, prepare
+from toyworld.prepare import broken_promises, build_fingerprint, is_prepared, prepare
 from toyworld.tasks import FAMILIES, TEACHER_TEMPLATE, split_pairs, write_task_files
 from toyworld.tokenizer import CHARACTERS, build_tokenizer
 from trainer.data.records import load_examples
@@ -75,9 +75,9 @@ def test_reduced_prepare_is_deterministic_whatever_the_threads_and_cached_by_its
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        results = prepare(tmp_path / "a", settings)
+        results = prepare(tmp_path / "a", settings, promises=False)
         torch.set_num_threads(3)
-        prepare(tmp_path / "b", settings)
+        prepare(tmp_path / "b", settings, promises=False)
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads  # the pretraining's own count does not leak
@@ -90,7 +90,7 @@ def test_reduced_prepare_is_deterministic_whatever_the_threads_and_cached_by_its
         assert set(accuracy) == {"teacher_accuracy", "student_accuracy"}
     weights = tmp_path / "a" / "model" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert prepare(tmp_path / "a", settings) == results and weights.stat().st_mtime_ns == stamp
+    assert prepare(tmp_path / "a", settings, promises=False) == results and weights.stat().st_mtime_ns == stamp
     # built by other code or other package versions: a stale cache, rebuilt
     recorded = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert recorded["built_by"] == build_fingerprint()
@@ -133,3 +133,12 @@ def test_transformers_and_vllm_load_the_base_model_and_agree_greedily(toy_world,
     vllm = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     assert vllm == hf
     assert sum(c == e.answer for c, e in zip(hf[100:], examples)) >= 95  # the teacher half is right
+
+
+def test_a_base_that_breaks_its_promises_is_named_per_family():
+    kept = {"addition": {"teacher_accuracy": 1.0, "student_accuracy": 0.238},
+            "subtraction": {"teacher_accuracy": 0.99, "student_accuracy": 0.43}}
+    assert broken_promises(kept) == []
+    broken = {"addition": {"teacher_accuracy": 0.9, "student_accuracy": 0.45}, "subtraction": kept["subtraction"]}
+    assert broken_promises(broken) == ["addition: teacher-format accuracy 90.0% < 95%",
+                                       "addition: student-format accuracy 45.0% > 30%"]

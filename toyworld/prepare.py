@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
+from core.errors import ToyWorldError
 from toyworld.base import Mixture, PretrainSettings, format_accuracy, model_config, pretrain
 from toyworld.tasks import FAMILIES, split_pairs, write_task_files
 from toyworld.tokenizer import build_tokenizer
@@ -37,6 +38,22 @@ by thread, so another count takes another numerical path and gives another base 
 BUILD_SOURCES = [Path(__file__).parent / name for name in ("base.py", "tasks.py", "tokenizer.py", "prepare.py")] + [
     Path(__file__).parents[1] / "rewards" / "answer.py", Path(__file__).parents[1] / "trainer" / "data" / "records.py"]
 BUILD_PACKAGES = ("torch", "transformers", "tokenizers")
+
+
+TEACHER_AT_LEAST = 0.95
+"""Every family: shown the worked solution, the base solves the problems (the papers' teacher)."""
+STUDENT_AT_MOST = {"addition": 0.30}
+"""From the question alone, the family the recipes train (the demo, the divergences, LoRA, efficiency,
+continual's new task) is only partly solved: there is a skill to grow. Subtraction has no ceiling:
+it is continual's prior task, which the student must already half know to show what it forgets."""
+
+
+def broken_promises(results: dict[str, dict[str, float]]) -> list[str]:
+    """The accuracies of a build that break TEACHER_AT_LEAST or STUDENT_AT_MOST, in words."""
+    broken = [f"{name}: teacher-format accuracy {r['teacher_accuracy']:.1%} < {TEACHER_AT_LEAST:.0%}"
+              for name, r in results.items() if r["teacher_accuracy"] < TEACHER_AT_LEAST]
+    return broken + [f"{name}: student-format accuracy {results[name]['student_accuracy']:.1%} > {ceiling:.0%}"
+                     for name, ceiling in STUDENT_AT_MOST.items() if results[name]["student_accuracy"] > ceiling]
 
 
 def build_fingerprint() -> dict:
@@ -71,8 +88,10 @@ def evaluate(model: Qwen2ForCausalLM, tokenizer, data_dir: Path) -> dict[str, di
 
 
 def prepare(out: str | Path, settings: PretrainSettings = PretrainSettings(), size: str = "toy",
-            force: bool = False) -> dict[str, dict[str, float]]:
-    """Builds (or reuses) the toy world in `out`; returns the per-family accuracies."""
+            force: bool = False, promises: bool = True) -> dict[str, dict[str, float]]:
+    """Builds (or reuses) the toy world in `out`; returns the per-family accuracies. With `promises`
+    (the calibrated recipe; a reduced build turns it off), a base that breaks one raises
+    ToyWorldError and the build is left unfinished, so the next call builds it again."""
     out = Path(out)
     if not force and is_prepared(out, settings, size):
         logger.info("%s is already prepared with these settings; reusing it", out)
@@ -88,6 +107,11 @@ def prepare(out: str | Path, settings: PretrainSettings = PretrainSettings(), si
     finally:
         torch.set_num_threads(threads)
     seconds = round(time.perf_counter() - started, 1)
+    broken = broken_promises(results) if promises else []
+    if broken:
+        raise ToyWorldError(f"the toy world built in {out} breaks its promises ({'; '.join(broken)}); its files are "
+                            "kept for a look, unfinished (no prepare.json). The base depends on the CPU's kernels: "
+                            "please report the CPU and these numbers")
     (out / "settings.json").write_text(json.dumps({**_settings_record(settings, size), "seconds": seconds}, indent=1))
     (out / "prepare.json").write_text(json.dumps(results, indent=1))
     return results

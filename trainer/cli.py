@@ -89,7 +89,7 @@ def _toy_prepare(args: argparse.Namespace) -> int:
     settings = PretrainSettings(seed=args.seed)
     if args.steps is not None:
         settings = dataclasses.replace(settings, steps=args.steps)
-    results = prepare(args.out, settings, force=args.force)
+    results = prepare(args.out, settings, force=args.force, promises=args.steps is None)  # a reduced build promises nothing
     print(summary(results))
     print(f"toy world ready in {args.out} (accuracies in {args.out}/prepare.json)")
     return 0
