@@ -80,6 +80,8 @@ class ModelConfig:
     """Longest prompt + completion, in tokens; null = the model's `max_position_embeddings`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of full fine-tuning (off by default)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
+    """The learner's attention kernels (transformers' `attn_implementation`); null = transformers' choice (SDPA). flash_attention_2 needs a CUDA GPU and the flash-attn package."""
 
 
 @dataclass
@@ -198,6 +200,8 @@ class LearnerConfig:
     """Clip the gradient norm to this value; null = off."""
     micro_batch: Positive = 8
     """Sequences per forward/backward on one learner; larger batches accumulate gradients."""
+    packing: bool = False
+    """Padding-free forwards: a micro-batch's sequences back to back in one row, position ids restarting per sequence, so no padding is computed (same losses and gradients as padded, to float rounding)."""
     cpu_threads: Positive | None = None
     """CPU only: torch threads per learner rank; null = its node's cores divided by the actors that compute at the same time: the ranks (a sync step's phases run one after another), or with `train.async` the ranks and all engines."""
 

@@ -4,15 +4,18 @@ prompt + completion sequences."""
 import torch
 
 
-def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
-    """Logits that predict each completion token, flattened over the batch: [T_total, V].
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]], packed: bool = False) -> torch.Tensor:
+    """Logits that predict each completion token, flattened over the batch: [T_total, V], padded
+    (below) or `packed` (`packed_completion_logits`); both give the same logits to float rounding.
 
-    Prompts are left-padded and completions right-padded, so every completion starts in the same
+    Padded: prompts are left-padded and completions right-padded, so every completion starts in the same
     column and `logits_to_keep` sends only the completion columns through the LM head (the [B, L, V]
     logits of whole sequences are never built). Position ids skip the left padding, as the engine
     sees no padding at all. The model's own forward runs, so models that post-process their
     logits (soft-capping, scaling) are scored as they generate.
     """
+    if packed:
+        return packed_completion_logits(model, prompts, completions)
     width_p, width_c = max(len(p) for p in prompts), max(len(c) for c in completions)
     device = next(model.parameters()).device
     input_ids = torch.zeros((len(prompts), width_p + width_c), dtype=torch.long, device=device)
@@ -26,6 +29,26 @@ def completion_logits(model, prompts: list[list[int]], completions: list[list[in
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=width_c + 1).logits[:, :-1]
     return torch.cat([logits[row, :len(c)] for row, c in enumerate(completions)])
+
+
+def packed_completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+    """`completion_logits` without padding: every prompt + completion back to back in one row,
+    position ids restarting at each sequence and no attention mask. transformers then keeps each
+    sequence's attention to itself (a block-diagonal causal mask under SDPA and eager, the
+    variable-length kernels under flash-attention), so the cost follows the real tokens, not the
+    longest sequence times the batch. Only the positions that predict a completion token go
+    through the LM head (`logits_to_keep` as indices). No KV cache: with one, transformers does not
+    look for packed sequences and would let them attend to each other."""
+    device = next(model.parameters()).device
+    ids, positions, keep = [], [], []
+    for p, c in zip(prompts, completions, strict=True):
+        start = len(ids) + len(p) - 1  # the prompt's last token predicts the first completion token
+        keep += range(start, start + len(c))
+        ids += p + c
+        positions += range(len(p) + len(c))
+    logits = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                   logits_to_keep=torch.tensor(keep, device=device), use_cache=False).logits
+    return logits[0]
 
 
 class WithKwargs:

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from core.errors import ConfigError
 from rollout.batch import Rollout, TeacherScores
 from trainer.config import config_from_dict
 from trainer.learner import adapters, objectives
@@ -64,7 +65,7 @@ class Learner:
         ds_config = deepspeed_config(cfg)
         # ZeRO-3 partitions weights while from_pretrained builds the model, if this object is alive then.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+        model = self._load(AutoModelForCausalLM, dtype)
         if self.lora:
             model = adapters.wrap(model, cfg.model.lora, ema=cfg.teacher.weights == "ema")
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -82,13 +83,24 @@ class Learner:
             self.__dict__.pop(name, None)
         gc.collect()
 
+    def _load(self, auto_cls, dtype):
+        """`model.path` at `dtype`, with `model.attn_implementation`'s kernels when one is set."""
+        implementation = self.cfg.model.attn_implementation
+        if implementation is None:
+            return auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype)
+        try:
+            return auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype, attn_implementation=implementation)
+        except (ImportError, ValueError) as e:  # transformers' words for a kernel this machine lacks
+            raise ConfigError(f"model.attn_implementation: {implementation!r} can't run on learner rank {self.rank} "
+                              f"({self.device.type}): {e}") from e
+
     def _build_teacher(self, auto_cls, dtype):
         cfg = self.cfg.teacher
         if self.cfg.loss.mode != "distill":
             return None  # sft, ssd and grpo train without a teacher
         if cfg.weights == "ema" or (cfg.weights == "initial" and cfg.scorer == "learner"):
             # A plain full copy, outside DeepSpeed: it is never trained, only read or EMA-updated.
-            teacher = auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype).to(self.device)
+            teacher = self._load(auto_cls, dtype).to(self.device)
             teacher.eval().requires_grad_(False)
             # In bf16 an α = 0.01 step is below the weights' resolution (8 bits of mantissa) and the
             # EMA would not move: keep an fp32 master of the EMA and copy it into the teacher.
@@ -148,7 +160,7 @@ class Learner:
             return sum(p.sum() * 0.0 for p in self.engine.module.parameters()), {}
         batch = objectives.micro_batch(rollouts, self.cfg.loss.mask_first_tokens, self.device)
         with self._student_dropout():
-            student_logits = completion_logits(self.engine, batch.prompts, batch.completions)
+            student_logits = completion_logits(self.engine, batch.prompts, batch.completions, self.cfg.learner.packing)
         mode = self.cfg.loss.mode
         if mode in ("sft", "ssd"):
             return objectives.cross_entropy(student_logits, batch)
@@ -174,9 +186,9 @@ class Learner:
             name = adapters.teacher_adapter(self.cfg.teacher.weights)
             model = self.engine.module
             forward = lambda **kw: model(**kw, adapter_names=[name] * kw["input_ids"].shape[0])  # noqa: E731
-            return completion_logits(WithKwargs(forward, model), teacher_prompts, completions)
+            return completion_logits(WithKwargs(forward, model), teacher_prompts, completions, self.cfg.learner.packing)
         return completion_logits(self.teacher if self.teacher is not None else self.engine.module,
-                                 teacher_prompts, completions)
+                                 teacher_prompts, completions, self.cfg.learner.packing)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
