@@ -57,9 +57,9 @@ CASES = {
     "distill-full": ["loss.estimator=full"],
     "distill-topk-jsd": ["loss.estimator=topk", "loss.divergence=jsd"],
     "distill-sampled": ["loss.estimator=sampled"], "distill-topk-forward": ["loss.divergence=forward_kl"],
-    "distill-ema-rl": ["teacher.weights=ema", "loss.rl_coef=0.5", "rollout.n=2", "loss.is_cap=2"],
+    "distill-ema-rl": ["teacher.weights=ema", "loss.rl_coef=0.5", "rollout.n=2", "train.prompts_per_step=4", "loss.is_cap=2"],
     "sft": ["loss.mode=sft"],
-    "grpo": ["loss.mode=grpo", "rollout.n=2"],
+    "grpo": ["loss.mode=grpo", "rollout.n=2", "train.prompts_per_step=4"],
     "lora-distill-full": ["model.lora.r=8", "loss.estimator=full"],
     "eager-attention": ["model.attn_implementation=eager"],
 }
@@ -79,8 +79,6 @@ def test_packed_learner_steps_give_the_padded_losses_and_gradients(toy_world):
                 f"model.path={toy_world / 'model'}", "data.train=unused.jsonl", "train.prompts_per_step=8",
                 "learner.micro_batch=4", "learner.warmup_steps=0", "teacher.scorer=learner",
                 f"learner.packing={str(packing).lower()}", *overrides])
-            if "rollout.n=2" in overrides:
-                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, prompts_per_step=4))
             if learner is None:
                 learner = Learner(config_to_dict(cfg), 0, 1, "127.0.0.1", _port())
             else:
