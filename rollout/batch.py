@@ -30,6 +30,8 @@ class Rollout:
     """Group-normalized reward advantage, for the RL term (`loss.mode=grpo` or `loss.rl_coef`)."""
     distill: bool = True
     """Whether the distillation term applies to it (false: `teacher.context=sibling` found no successful sibling)."""
+    task: str = "default"
+    """Its record's task (the `task` column): which teacher scores it, and its per-task curves."""
 
 
 @dataclass

@@ -131,13 +131,15 @@ class EnginePool:
         """Every engine answers (a pool whose engine died for good is not reused)."""
         return all_answer([actor.version.remote() for actor in self.actors], timeout_s)
 
-    def start_over(self, transport, weights_ref: "ray.ObjectRef") -> None:
+    def start_over(self, transport, weights_ref: "ray.ObjectRef | None") -> None:
         """Another run takes this pool over (`trainer.cluster.warm`): it forgets the old run's synced
         weights, restarts and adapters, and loads `weights_ref` (the new run's starting weights) at
-        policy version 0, as a freshly started engine would hold them."""
+        policy version 0, as a freshly started engine would hold them. None: the engines keep the
+        checkpoint they started from, never synced since (an external teacher's)."""
         self.weights, self.restarts, self._drained = {}, [], 0
         ray.get([actor.forget_adapters.remote() for actor in self.actors])
-        self.sync(transport, weights_ref, 0)
+        if weights_ref is not None:
+            self.sync(transport, weights_ref, 0)
 
     def close(self):
         """Frees the actors and their placement group (a stage sequence starts new ones)."""

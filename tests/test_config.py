@@ -83,6 +83,7 @@ def test_bad_choice_names_value_and_choices(tmp_path):
     ("model.path=null", "model.path: is required"),
     ("teacher.template={prompt}", "teacher.template: must use exactly the fields {prompt} and {context}"),
     ("loss.estimator=full", "loss.estimator: 'full' needs the full-vocabulary teacher of teacher.scorer='learner'"),
+    ("loss.token_cap=0", "loss.token_cap: 0.0 is out of range: must be > 0"),
 ])
 def test_bad_values_name_the_override_field_and_value(override, message):
     with pytest.raises(ConfigError) as e:
@@ -100,8 +101,27 @@ def test_cross_field_error_points_at_the_file_line(tmp_path):
 def test_impossible_combinations_fail_at_start():
     with pytest.raises(ConfigError, match="loss.divergence: the 'sampled' estimator is the policy gradient of reverse_kl"):
         load_config(TOY, ["loss.estimator=sampled", "loss.divergence=forward_kl"])
+    with pytest.raises(ConfigError, match="loss.token_cap: caps a token's divergence; the 'sampled' estimator"):
+        load_config(TOY, ["loss.estimator=sampled", "loss.token_cap=1"])
     with pytest.raises(ConfigError, match=r"learner.num: must divide train.prompts_per_step × rollout.n = 64 .* got 3"):
         load_config(TOY, ["learner.num=3"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.model=/m", "teacher.weights=ema"], "teacher.weights: another checkpoint (teacher.model) is a frozen teacher: needs 'initial', got 'ema'"),
+    (["teacher.model=/m", "teacher.weights=live"], "teacher.weights: another checkpoint (teacher.model) is a frozen teacher: needs 'initial', got 'live'"),
+    (["teacher.model=/m", "teacher.template={context}"], "teacher.template: must use {prompt} and may use {context}, got ['context']"),
+    (["teacher.model=/m", "teacher.template={prompt}{solution}"], "teacher.template: must use {prompt} and may use {context}"),
+])
+def test_an_external_teacher_is_frozen_and_needs_the_prompt(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TOY, overrides)
+
+
+def test_an_external_teacher_may_go_without_the_context():
+    cfg = load_config(TOY, ["teacher.model=/m", "teacher.template={prompt}"])  # classic on-policy distillation
+    assert cfg.teacher.model == "/m" and cfg.teacher.template == "{prompt}"
+    assert load_config(TOY, ["teacher.model=/m", "teacher.scorer=learner", "model.lora.r=8"]).teacher.model == "/m"
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

@@ -54,7 +54,7 @@ def test_lora_teacher_is_the_base_exactly_never_drops_out_and_checkpoints_load(t
     tokens = sum(len(r.completion_ids) for r in rollouts)
     learner.engine.eval()
     with torch.no_grad():
-        untrained = learner._teacher_logits(teacher_prompts, completions)
+        untrained = learner._teacher_logits(None, teacher_prompts, completions)
     for _ in range(2):  # the adapter moves away from zero
         learner.train_step(rollouts, teacher_prompts, None, tokens)
     state = learner.state_bytes()
@@ -63,8 +63,8 @@ def test_lora_teacher_is_the_base_exactly_never_drops_out_and_checkpoints_load(t
     base = AutoModelForCausalLM.from_pretrained(toy_world / "model").eval()
     with torch.no_grad():
         expected = completion_logits(base, teacher_prompts, completions)
-        teacher = learner._teacher_logits(teacher_prompts, completions)
-        again = learner._teacher_logits(teacher_prompts, completions)
+        teacher = learner._teacher_logits(None, teacher_prompts, completions)
+        again = learner._teacher_logits(None, teacher_prompts, completions)
         student_eval = completion_logits(learner.engine.module, teacher_prompts, completions)
         with learner._student_dropout():
             dropped = [completion_logits(learner.engine.module, teacher_prompts, completions) for _ in range(2)]
@@ -117,8 +117,8 @@ def test_lora_ema_teacher_averages_the_adapter_only(toy_world):
     # the EMA teacher scores without dropout, and its export is the base plus the EMA adapter
     completions = [r.completion_ids for r in rollouts]
     with torch.no_grad():
-        first = learner._teacher_logits(teacher_prompts, completions)
-        second = learner._teacher_logits(teacher_prompts, completions)
+        first = learner._teacher_logits(None, teacher_prompts, completions)
+        second = learner._teacher_logits(None, teacher_prompts, completions)
     assert torch.equal(first, second)
     payload = learner.export_adapter("teacher")
     assert payload.nbytes == sum(p.numel() * 4 for p in ema_after)

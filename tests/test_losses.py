@@ -481,3 +481,30 @@ def test_chunked_logsumexp_and_gather_equal_log_softmax():
         (g_got,) = torch.autograd.grad(got.sum(), logits)
         (g_want,) = torch.autograd.grad(torch.log_softmax(logits / temperature, -1).gather(-1, ids).sum(), logits)
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_entropy_equals_torch_categorical_entropy():
+    from trainer.learner.losses import chunked_entropy
+    logits = _logits(9, 13, seed=4, scale=3.0)
+    logits[0, :] = 0.0  # uniform: log V
+    logits[1, 0] = 1e4  # nearly one-hot: 0
+    want = torch.distributions.Categorical(logits=logits).entropy()
+    got = chunked_entropy(logits, chunk_size=4)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got[0].item() == pytest.approx(math.log(13), abs=1e-5) and got[1].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_token_cap_caps_the_value_and_scales_the_gradient_of_large_tokens_only():
+    from trainer.learner.losses import cap_token_losses
+    student = _logits(6, 5, seed=1, scale=4.0).requires_grad_(True)
+    teacher = _logits(6, 5, seed=2, scale=4.0)
+    per_token = token_divergence(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), kind="reverse_kl")
+    cap = per_token.detach().median().item()
+    capped = cap_token_losses(per_token, cap)
+    large = per_token.detach() > cap
+    assert large.any() and (~large).any()
+    assert_close(capped.detach(), per_token.detach().clamp(max=cap))
+    for t in range(6):  # each token's gradient keeps its direction, scaled by min(1, cap/ℓ)
+        want = _grad(per_token[t], student) * min(1.0, cap / per_token[t].item())
+        assert_close(_grad(capped[t], student), want)
+    assert (_grad(capped[large].sum(), student) != 0).any()  # a clamp would have zeroed these

@@ -125,3 +125,27 @@ def test_sibling_batch_marks_samples_without_a_successful_sibling(toy_world, tok
 def test_objective_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
         load_config(ROOT / "configs" / "toy.yaml", overrides)
+
+
+def test_targets_scored_in_parts_merge_back_in_row_order():
+    """A batch of several teachers is scored by each on its rows; the merge equals scoring it whole."""
+    import dataclasses
+
+    import torch
+
+    from trainer.learner.objectives import merge_targets, micro_batch, targets_from_logits
+    rollouts = [Rollout(f"e{i}", [1, 2], list(range(3, 3 + n)), [0.0] * n, 0, "stop") for i, n in enumerate([3, 1, 4, 2])]
+    logits = torch.randn(sum(len(r.completion_ids) for r in rollouts), 12, generator=torch.Generator().manual_seed(0))
+    whole = targets_from_logits(logits, micro_batch(rollouts, 0, torch.device("cpu")), 5)
+    starts = [0, 3, 4, 8, 10]
+    parts = []
+    for rows in ([1, 3], [0, 2]):
+        part = micro_batch([rollouts[i] for i in rows], 0, torch.device("cpu"))
+        part_logits = torch.cat([logits[starts[i]:starts[i + 1]] for i in rows])
+        parts.append((rows, targets_from_logits(part_logits, part, 5)))
+    merged = merge_targets(parts, [len(r.completion_ids) for r in rollouts])
+    for name in ("token_T", "topk_ids_TK", "topk_TK", "logits_TV"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name))
+    engine_scored = (parts[1][0], dataclasses.replace(parts[1][1], logits_TV=None))
+    without_logits = merge_targets([parts[0], engine_scored], [len(r.completion_ids) for r in rollouts])
+    assert without_logits.logits_TV is None  # a part scored on an engine has no full-vocabulary logits

@@ -1,7 +1,7 @@
 import pytest
 
 from rollout.pool import shards
-from trainer.cluster.learners import merge_rank_metrics
+from trainer.learner.metrics import merge_rank_metrics
 
 
 @pytest.mark.parametrize("count, parts", [(10, 3), (3, 5), (64, 2), (0, 2), (7, 1)])
@@ -16,6 +16,20 @@ def test_rank_metrics_are_token_weighted():
     merged = merge_rank_metrics([{"tokens": 30.0, "distill/loss": 1.0, "learner/lr": 0.1},
                                  {"tokens": 10.0, "distill/loss": 3.0, "learner/lr": 0.1}])
     assert merged == {"tokens": 40.0, "distill/loss": 1.5, "learner/lr": 0.1}
+
+
+def test_per_task_metrics_are_weighted_by_their_tasks_tokens():
+    from trainer.learner.metrics import task_of, token_means
+    assert task_of("distill/math/kl") == "math" and task_of("distill/a/b/loss") == "a/b"
+    assert task_of("distill/kl") is None and task_of("distill/topk_mass") is None
+    rank_0 = token_means({"tokens": 4.0, "tokens/a": 3.0, "tokens/b": 1.0, "distill/loss": 8.0,
+                          "distill/a/loss": 6.0, "distill/b/loss": 2.0})
+    assert rank_0 == {"tokens": 4.0, "tokens/a": 3.0, "tokens/b": 1.0, "distill/loss": 2.0,
+                      "distill/a/loss": 2.0, "distill/b/loss": 2.0}
+    rank_1 = token_means({"tokens": 2.0, "tokens/a": 2.0, "distill/loss": 2.0, "distill/a/loss": 2.0})
+    merged = merge_rank_metrics([rank_0, rank_1])
+    assert merged == {"tokens": 6.0, "distill/loss": (8.0 + 2.0) / 6, "distill/a/loss": (6.0 + 2.0) / 5,
+                      "distill/b/loss": 2.0}
 
 
 def test_weight_sync_deadline_names_the_late_engine(local_ray):

@@ -142,3 +142,18 @@ def test_a_base_that_breaks_its_promises_is_named_per_family():
     broken = {"addition": {"teacher_accuracy": 0.9, "student_accuracy": 0.45}, "subtraction": kept["subtraction"]}
     assert broken_promises(broken) == ["addition: teacher-format accuracy 90.0% < 95%",
                                        "addition: student-format accuracy 45.0% > 30%"]
+
+
+def test_a_stronger_checkpoint_that_breaks_its_promise_is_left_unfinished(tmp_path):
+    """`toy prepare --with-teacher` continues the base until it answers from the question alone; a
+    build that doesn't (here: 5 steps on a 5-step base) names the family and stays unfinished."""
+    from core.errors import ToyWorldError
+    from toyworld.teacher import TeacherSettings, build_strong_teacher, is_built
+    with pytest.raises(ToyWorldError, match="holds no finished toy world"):
+        build_strong_teacher(tmp_path)
+    prepare(tmp_path, PretrainSettings(steps=5), promises=False)
+    settings = TeacherSettings(steps=5)
+    with pytest.raises(ToyWorldError, match=r"addition: student-format accuracy [\d.]+% < 90%"):
+        build_strong_teacher(tmp_path, settings)
+    assert (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "teacher" / "prepare.json").exists() and not is_built(tmp_path, settings)

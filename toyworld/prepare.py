@@ -125,16 +125,19 @@ def _build(out: Path, settings: PretrainSettings, size: str) -> dict[str, dict[s
     logger.info("pretraining a %.0fk-parameter Qwen2 for %d steps", model.num_parameters() / 1e3, settings.steps)
     pretrain(model, Mixture(tokenizer, train_pairs, settings), settings)
 
-    staging = out / "model.tmp"
+    return save_and_evaluate(model, tokenizer, out / "model", out / "data")
+
+
+def save_and_evaluate(model, tokenizer, model_dir: Path, data_dir: Path) -> dict[str, dict[str, float]]:
+    """Saves the model and tokenizer into `model_dir` (whole or not at all: staged, then renamed),
+    then evaluates the files as saved, loaded the way users and vLLM load them."""
+    staging = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    staging.rename(out / "model")
-
-    # Evaluate the files as saved, loaded the way users and vLLM load them.
-    return evaluate(AutoModelForCausalLM.from_pretrained(out / "model"), AutoTokenizer.from_pretrained(out / "model"),
-                    out / "data")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+    return evaluate(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), data_dir)
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:

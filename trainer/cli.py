@@ -6,6 +6,7 @@
   selfdistill config --reference               every option, its type, default and meaning
   selfdistill report RUN_DIR [RUN_DIR ...]     plots and sample rollouts of one run, or several overlaid
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
+                    [--with-teacher]             and its stronger checkpoint, for teacher.model
 """
 
 import argparse
@@ -92,6 +93,11 @@ def _toy_prepare(args: argparse.Namespace) -> int:
     results = prepare(args.out, settings, force=args.force, promises=args.steps is None)  # a reduced build promises nothing
     print(summary(results))
     print(f"toy world ready in {args.out} (accuracies in {args.out}/prepare.json)")
+    if args.with_teacher:
+        from toyworld.teacher import build_strong_teacher
+        teacher = build_strong_teacher(args.out, force=args.force)
+        print(summary(teacher))
+        print(f"stronger checkpoint ready in {args.out}/teacher/model (for teacher.model)")
     return 0
 
 
@@ -137,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the calibrated recipe's)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the tasks and the pretraining")
     prep.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build with the same settings")
+    prep.add_argument("--with-teacher", action="store_true",
+                      help="also train the stronger checkpoint DIR/teacher/model, which answers from the question "
+                           "alone, for teacher.model (about 2 more minutes on 2 cores, cached likewise)")
     prep.set_defaults(run=_toy_prepare)
     return parser
 

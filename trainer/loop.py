@@ -19,7 +19,7 @@ from rewards.answer import answer_match
 from rollout.batch import TeacherScores
 from trainer.cluster.warm import WarmActors
 from trainer.config import Config, dump_config
-from trainer.config.implied import uses_teacher
+from trainer.config.implied import task_teacher, uses_teacher
 from trainer.data.sampler import PromptSampler
 from trainer.lifecycle.checkpoint import log_rollout_ids, read_state, save_checkpoint, summarize
 from trainer.lifecycle.preemption import StopRequests
@@ -31,7 +31,7 @@ from trainer.monitoring.samples import sample_records
 from trainer.step.batch import StepBatch, prepare_batch
 from trainer.step.evaluation import evaluate
 from trainer.step.feed import MAX_POLICY_LAG, RolloutFeed
-from trainer.step.rollouts import collect_rollouts, score_on_engines
+from trainer.step.rollouts import collect_rollouts, score_by_teacher
 from trainer.step.sync import engine_adapters, sync_weights
 
 logger = logging.getLogger(__name__)
@@ -134,17 +134,24 @@ def _evaluate_start(cfg: Config, actors: Actors, inputs: Inputs, version: int, s
     """Step 0: the student's held-out accuracy, and the teacher's with the privileged context."""
     first = evaluate(actors.students, inputs.eval_set, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match,
                      version, adapter=student_adapter)
-    first |= evaluate(actors.scoring, inputs.eval_set, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match,
-                      version, teacher=True, adapter=teacher_adapter)
+    by_teacher: dict[str | None, list] = {}  # each task's teacher, on its engines (a learner-only checkpoint has none)
+    for example in inputs.eval_set:
+        model = task_teacher(cfg, example.task).model
+        if model is None or model in actors.external:
+            by_teacher.setdefault(model, []).append(example)
+    for model, examples in by_teacher.items():
+        first |= evaluate(actors.scoring(model), examples, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match,
+                          version, teacher=True, adapter=teacher_adapter if model is None else None)
     logger.info("step 0: %s", _brief(first))
     return first
 
 
-def _engine_scores(cfg: Config, actors: Actors, batch: StepBatch, adapter: str | None) -> list[TeacherScores] | None:
-    """The teacher's scores of the batch from its engine; None where the learner scores (or no teacher)."""
-    if not (uses_teacher(cfg) and cfg.teacher.scorer == "engine"):
+def _engine_scores(cfg: Config, actors: Actors, batch: StepBatch, adapter: str | None) -> list[TeacherScores | None] | None:
+    """Each rollout's scores by its task's teacher, on that teacher's engines; None for a rollout a
+    learner scores, and None for all when no engine scores (or there is no teacher)."""
+    if not uses_teacher(cfg):
         return None
-    return score_on_engines(actors.scoring, batch.rollouts, batch.teacher_prompts, cfg.loss.topk, adapter=adapter)
+    return score_by_teacher(cfg, batch.rollouts, batch.teacher_prompts, actors.scoring, adapter)
 
 
 def _loss_tokens(cfg: Config, rollouts) -> int:

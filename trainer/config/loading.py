@@ -92,6 +92,8 @@ def _to_dict(value: Any) -> Any:
         return {yaml_key(f.name): _to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
         return [_to_dict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_dict(v) for k, v in value.items()}
     return value
 
 
@@ -205,6 +207,11 @@ def _coerce(value: Any, tp: Any, path: str, source: _Source) -> Any:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
         source.fail(path, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}"
                           + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    if origin is dict:
+        if not isinstance(value, dict):
+            source.fail(path, f"expected a mapping, got {value!r}")
+        _, item_type = get_args(tp)
+        return {str(k): _coerce(v, item_type, f"{path}.{k}", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             source.fail(path, f"expected a list, got {value!r}")

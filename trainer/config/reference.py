@@ -40,9 +40,10 @@ def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows.extend(reference(hints[f.name], path))
             continue
         rows.append((path, _type_name(hints[f.name]), _default_text(default), docs.get(f.name, "")))
-        item = get_args(hints[f.name])[0] if get_origin(hints[f.name]) is list else None
-        if dataclasses.is_dataclass(item):  # a list of sections, e.g. stages: document an item's fields
-            rows.extend(reference(item, f"{path}[]"))
+        origin = get_origin(hints[f.name])
+        item = get_args(hints[f.name])[-1] if origin in (list, dict) else None
+        if dataclasses.is_dataclass(item):  # a list or mapping of sections (stages, teachers): an item's fields
+            rows.extend(reference(item, f"{path}[]" if origin is list else f"{path}.<task>"))
     return rows
 
 
@@ -59,6 +60,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         item = get_args(tp)[0]
         return "list of sections" if dataclasses.is_dataclass(item) else f"list[{_type_name(item)}]"
+    if origin is dict:
+        item = get_args(tp)[-1]
+        return "mapping of sections" if dataclasses.is_dataclass(item) else f"mapping to {_type_name(item)}"
     return "null" if tp is type(None) else tp.__name__
 
 

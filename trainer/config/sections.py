@@ -69,6 +69,14 @@ class LoraConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    scheme: Literal["none", "int8", "int4", "int2"] = "none"
+    """Weight-only integer quantization of the student (quantization-aware distillation): the learners train with the weights of every linear layer but the LM head fake-quantized in the forward (straight-through gradient, full-precision masters) and the engines sample from exactly those quantized weights; `none` = off (see README, *Quantization-aware distillation*)."""
+    group_size: Positive = 32
+    """Weights per quantization group along a layer's input (symmetric, one scale each); must divide every quantized layer's input size."""
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """Directory of a Hugging Face model saved with `save_pretrained` (config, weights, tokenizer). Required."""
@@ -80,6 +88,8 @@ class ModelConfig:
     """Longest prompt + completion, in tokens; null = the model's `max_position_embeddings`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of full fine-tuning (off by default)."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """The student's weight quantization (off by default)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     """The learner's attention kernels (transformers' `attn_implementation`); null = transformers' choice (SDPA). flash_attention_2 needs a CUDA GPU and the flash-attn package."""
 
@@ -112,6 +122,8 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
+    model: str | None = None
+    """Another checkpoint as the teacher (e.g. a larger model of the student's family; it must share the student's tokenizer), frozen; null = the student's own weights."""
     weights: Literal["initial", "ema", "live"] = "initial"
     """Teacher weights: frozen at the start (`initial`), an EMA of the student (`ema`), or the student itself (`live`)."""
     ema_alpha: Annotated[float, Range(gt=0, le=1)] = 0.01
@@ -119,13 +131,25 @@ class TeacherConfig:
     scorer: Literal["engine", "learner"] = "engine"
     """Who scores the student's tokens: vLLM `prompt_logprobs` (`engine`: sampled + top-k) or a learner forward (`learner`: full vocabulary)."""
     template: str = DEFAULT_TEACHER_TEMPLATE
-    """How the privileged context enters the teacher prompt; must use `{prompt}` and `{context}` and no other field."""
+    """How the privileged context enters the teacher prompt; must use `{prompt}` and `{context}` and no other field (with `teacher.model`, `{context}` is optional: `"{prompt}"` is classic on-policy distillation)."""
     context: Literal["dataset", "sibling"] = "dataset"
     """The privileged context: the record's `context` column (`dataset`), or, as in SDPO, a successful rollout of the same group plus the reward's feedback on this one (`sibling`); samples without a successful sibling get no distillation loss."""
     sibling_template: str = "{solution}\n\n{feedback}"
     """With `context: sibling`, how the context is built: `{solution}` is the successful sibling's completion, `{feedback}` the rewards' feedback text on this sample (may be empty)."""
     success_reward: float = 1.0
     """With `context: sibling`, a sibling is successful when the sum of its rewards is at least this."""
+
+
+@dataclass
+class TaskTeacherConfig:
+    model: str | None = None
+    """The task's teacher checkpoint (as `teacher.model`); null = the `teacher` section's."""
+    template: str | None = None
+    """The task's teacher prompt (as `teacher.template`); null = the `teacher` section's."""
+    weights: Literal["initial", "ema", "live"] | None = None
+    """As `teacher.weights`; null = the `teacher` section's."""
+    scorer: Literal["engine", "learner"] | None = None
+    """As `teacher.scorer`; null = the `teacher` section's."""
 
 
 @dataclass
@@ -142,6 +166,8 @@ class LossConfig:
     """Leave the first N completion tokens out of the loss (SDFT's code masks 3)."""
     clip_tau: Annotated[float, Range(gt=0)] | None = None
     """OPSD per-vocabulary-entry clip τ on the divergence terms; null = off."""
+    token_cap: Annotated[float, Range(gt=0)] | None = None
+    """Cap (nats) on each token's divergence: a larger one is scaled down to the cap, gradient included, so the tokens the student gets badly wrong don't drown the ones it nearly has right; null = off."""
     is_cap: Annotated[float, Range(ge=1)] | None = None
     """Cap of the truncated importance weight w = min(π_learner(y)/π_engine(y), cap) of each sampled token, which corrects every loss term for the gap between the engine's (behaviour) and the learner's policy: numerics, or `train.async`'s one-step lag (SDFT: 2); null = off."""
     mode: Literal["distill", "sft", "grpo", "ssd"] = "distill"
@@ -272,6 +298,8 @@ class Config:
     """Prompt datasets."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """The teacher: the same model shown the privileged context."""
+    teachers: dict[str, TaskTeacherConfig] = field(default_factory=dict)
+    """A teacher per task: task name (the `task` column) → the settings that differ from the `teacher` section's; a task not named here uses the `teacher` section (see README, *A teacher per task*)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The distillation loss."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

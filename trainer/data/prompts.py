@@ -1,6 +1,7 @@
 """Every prompt rendered and tokenized once, before the loop: the student's and the teacher's, and
 the records whose prompts leave no room for a completion."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.errors import DataError
@@ -16,11 +17,14 @@ class EncodedPrompts:
     teacher: dict[str, list[int]]
 
 
-def encode_prompts(examples: list[Example], tokenizer, template: str) -> EncodedPrompts:
-    """Renders and tokenizes every prompt once, before the loop, so the step does neither."""
+def encode_prompts(examples: list[Example], tokenizer, template: str | Callable[[str], str]) -> EncodedPrompts:
+    """Renders and tokenizes every prompt once, before the loop, so the step does neither. `template`:
+    the teacher template, or a function of the example's task that gives it (a teacher per task)."""
+    template_of = template if callable(template) else lambda task: template
     return EncodedPrompts(
         student={e.id: encode_prompt(e.prompt, tokenizer) for e in examples},
-        teacher={e.id: encode_prompt(teacher_prompt(e.prompt, e.context, template), tokenizer) for e in examples})
+        teacher={e.id: encode_prompt(teacher_prompt(e.prompt, e.context, template_of(e.task)), tokenizer)
+                 for e in examples})
 
 
 def drop_overlong(examples: list[Example], encoded: EncodedPrompts, max_model_len: int, max_tokens: int,

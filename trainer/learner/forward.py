@@ -51,6 +51,17 @@ def packed_completion_logits(model, prompts: list[list[int]], completions: list[
     return logits[0]
 
 
+def aligned_vocabulary(teacher_logits_TV: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """An external teacher's logits over the student's `vocab_size` entries. Checkpoints of one
+    family that share a tokenizer may pad their embeddings to different sizes (Qwen2.5 0.5B: 151936
+    rows, 7B: 152064); the rows past the tokenizer are never produced, so a larger teacher's extra
+    columns are dropped (the startup check refuses a smaller one)."""
+    if teacher_logits_TV.shape[-1] < vocab_size:
+        raise ValueError(f"the teacher's logits have {teacher_logits_TV.shape[-1]} entries, fewer than the "
+                         f"student's {vocab_size}")
+    return teacher_logits_TV[..., :vocab_size]
+
+
 class WithKwargs:
     """A model whose forward adds fixed keyword arguments (here peft's per-row `adapter_names`);
     `completion_logits` reads its parameters for the device."""

@@ -23,8 +23,10 @@ import torch
 from core.errors import ConfigError
 from rollout.batch import Rollout, TeacherScores
 from trainer.config import config_from_dict
-from trainer.learner import adapters, objectives
-from trainer.learner.forward import WithKwargs, completion_logits
+from trainer.config.implied import external_models, own_teacher_on_learners, task_teacher
+from trainer.learner import adapters, objectives, quantization
+from trainer.learner.forward import WithKwargs, aligned_vocabulary, completion_logits
+from trainer.learner.metrics import token_means
 from trainer.learner.optim import DTYPES, deepspeed_config, lr_lambda, micro_steps
 
 
@@ -60,12 +62,19 @@ class Learner:
         dtype = DTYPES[cfg.model.dtype]
         self.lora = cfg.model.lora.r > 0
         # The teacher copy is a plain model, built before ZeRO-3 is configured so that it is not partitioned.
-        # With LoRA there is no copy: the teacher is the same base with another adapter, or none.
+        # With LoRA there is no copy of the student's own weights: the teacher is the same base with
+        # another adapter, or none. Another checkpoint that scores here is always a copy of its own.
         self.teacher = None if self.lora else self._build_teacher(AutoModelForCausalLM, dtype)
+        self.external_teachers = {path: self._frozen(AutoModelForCausalLM, dtype, path)
+                                  for path in external_models(cfg, "learner")}
         ds_config = deepspeed_config(cfg)
         # ZeRO-3 partitions weights while from_pretrained builds the model, if this object is alive then.
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
         model = self._load(AutoModelForCausalLM, dtype)
+        self.vocab_size = model.config.vocab_size
+        self.quantized = cfg.model.quantization.scheme != "none"
+        if self.quantized:  # before DeepSpeed and LoRA: the engine trains the fake-quantized layers
+            model = quantization.prepare(model, cfg.model.quantization)
         if self.lora:
             model = adapters.wrap(model, cfg.model.lora, ema=cfg.teacher.weights == "ema")
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -79,36 +88,39 @@ class Learner:
         """Drops the previous run's models and engine, and its ZeRO-3 marker: transformers reads a
         live `HfDeepSpeedConfig` as "partition every model built from now on"."""
         import gc
-        for name in ("engine", "optimizer", "scheduler", "teacher", "_ema_master", "_hf_ds_config"):
+        for name in ("engine", "optimizer", "scheduler", "teacher", "external_teachers", "_ema_master", "_hf_ds_config"):
             self.__dict__.pop(name, None)
         gc.collect()
 
-    def _load(self, auto_cls, dtype):
-        """`model.path` at `dtype`, with `model.attn_implementation`'s kernels when one is set."""
-        implementation = self.cfg.model.attn_implementation
+    def _load(self, auto_cls, dtype, path: str | None = None):
+        """`path` (default `model.path`) at `dtype`, with `model.attn_implementation`'s kernels when one is set."""
+        implementation, path = self.cfg.model.attn_implementation, path or self.cfg.model.path
         if implementation is None:
-            return auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype)
+            return auto_cls.from_pretrained(path, dtype=dtype)
         try:
-            return auto_cls.from_pretrained(self.cfg.model.path, dtype=dtype, attn_implementation=implementation)
+            return auto_cls.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
         except (ImportError, ValueError) as e:  # transformers' words for a kernel this machine lacks
             raise ConfigError(f"model.attn_implementation: {implementation!r} can't run on learner rank {self.rank} "
                               f"({self.device.type}): {e}") from e
 
+    def _frozen(self, auto_cls, dtype, path: str | None = None):
+        """A plain full copy of `path` (default `model.path`), outside DeepSpeed: it is never trained,
+        only read (or EMA-updated), in eval mode."""
+        model = self._load(auto_cls, dtype, path).to(self.device)
+        return model.eval().requires_grad_(False)
+
     def _build_teacher(self, auto_cls, dtype):
-        cfg = self.cfg.teacher
-        if self.cfg.loss.mode != "distill":
-            return None  # sft, ssd and grpo train without a teacher
-        if cfg.weights == "ema" or (cfg.weights == "initial" and cfg.scorer == "learner"):
-            # A plain full copy, outside DeepSpeed: it is never trained, only read or EMA-updated.
-            teacher = self._load(auto_cls, dtype).to(self.device)
-            teacher.eval().requires_grad_(False)
-            # In bf16 an α = 0.01 step is below the weights' resolution (8 bits of mantissa) and the
-            # EMA would not move: keep an fp32 master of the EMA and copy it into the teacher.
-            self._ema_master = None
-            if cfg.weights == "ema" and dtype != torch.float32:
-                self._ema_master = [p.detach().float().clone() for p in teacher.parameters()]
-            return teacher
-        return None  # live teacher: the student itself; or initial weights held by a teacher engine
+        """The copy of the student's own teacher weights (initial or EMA) on this rank, when one is
+        needed; None for a live teacher, initial weights held by a teacher engine, or no teacher."""
+        if not own_teacher_on_learners(self.cfg):
+            return None
+        teacher = self._frozen(auto_cls, dtype)
+        # In bf16 an α = 0.01 step is below the weights' resolution (8 bits of mantissa) and the
+        # EMA would not move: keep an fp32 master of the EMA and copy it into the teacher.
+        self._ema_master = None
+        if self.cfg.teacher.weights == "ema" and dtype != torch.float32:
+            self._ema_master = [p.detach().float().clone() for p in teacher.parameters()]
+        return teacher
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, rollouts: list[Rollout], teacher_prompts: list[list[int]],
@@ -144,9 +156,7 @@ class Learner:
         skipped = self.engine.skipped_steps > skipped_before
         if self.cfg.teacher.weights == "ema" and (self.teacher is not None or self.lora) and not skipped:
             self._update_ema()
-        tokens = max(sums.pop("tokens", 0.0), 1.0)
-        metrics = {key: value / tokens for key, value in sums.items()}
-        metrics["tokens"] = tokens
+        metrics = token_means(sums)
         grad_norm = self.engine.get_global_grad_norm()
         metrics["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["learner/lr"] = self.scheduler.get_last_lr()[0]
@@ -166,12 +176,26 @@ class Learner:
             return objectives.cross_entropy(student_logits, batch)
         if mode == "grpo":
             return objectives.grpo(student_logits, batch, self.cfg)
-        if self.cfg.teacher.scorer == "learner":
-            teacher = objectives.targets_from_logits(self._teacher_logits(teacher_prompts, batch.completions), batch,
-                                                     self.cfg.loss.topk)
-        else:
-            teacher = objectives.targets_from_scores(scores, batch)
-        return objectives.distill(student_logits, batch, self.cfg, teacher)
+        return objectives.distill(student_logits, batch, self.cfg, self._teacher_targets(batch, teacher_prompts, scores))
+
+    def _teacher_targets(self, batch, teacher_prompts, scores) -> objectives.TeacherTargets:
+        """Each rollout's teacher targets, from its task's teacher: scored here (a forward of the
+        teacher on this rank) or by its engine (`scores`); a batch of several teachers is scored by
+        each on its own rollouts, then put back in order."""
+        teachers = [task_teacher(self.cfg, r.task) for r in batch.rollouts]
+        groups: dict[tuple, list[int]] = {}
+        for row, teacher in enumerate(teachers):
+            groups.setdefault((teacher.model, teacher.scorer), []).append(row)
+        parts = []
+        for (model, scorer), rows in groups.items():
+            part = batch if len(groups) == 1 else objectives.micro_batch(
+                [batch.rollouts[i] for i in rows], self.cfg.loss.mask_first_tokens, self.device)
+            if scorer == "learner":
+                logits = self._teacher_logits(model, [teacher_prompts[i] for i in rows], part.completions)
+                parts.append((rows, objectives.targets_from_logits(logits, part, self.cfg.loss.topk)))
+            else:
+                parts.append((rows, objectives.targets_from_scores([scores[i] for i in rows], part, self.vocab_size)))
+        return parts[0][1] if len(parts) == 1 else objectives.merge_targets(parts, [len(c) for c in batch.completions])
 
     def _student_dropout(self):
         """LoRA dropout, when configured, is on in the student's training forward only."""
@@ -180,15 +204,20 @@ class Learner:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def _teacher_logits(self, teacher_prompts, completions) -> torch.Tensor:
-        """The teacher's completion logits, in eval mode (no dropout of any kind) and without gradient."""
+    def _teacher_logits(self, model: str | None, teacher_prompts, completions) -> torch.Tensor:
+        """The completion logits of the teacher checkpoint `model` (None: the student's own teacher
+        weights), in eval mode (no dropout of any kind) and without gradient."""
+        if model is not None:
+            return aligned_vocabulary(completion_logits(self.external_teachers[model], teacher_prompts, completions,
+                                                        self.cfg.learner.packing), self.vocab_size)
+        if self.teacher is not None:
+            return completion_logits(self.teacher, teacher_prompts, completions, self.cfg.learner.packing)
         if self.lora:
             name = adapters.teacher_adapter(self.cfg.teacher.weights)
             model = self.engine.module
             forward = lambda **kw: model(**kw, adapter_names=[name] * kw["input_ids"].shape[0])  # noqa: E731
             return completion_logits(WithKwargs(forward, model), teacher_prompts, completions, self.cfg.learner.packing)
-        return completion_logits(self.teacher if self.teacher is not None else self.engine.module,
-                                 teacher_prompts, completions, self.cfg.learner.packing)
+        return completion_logits(self.engine.module, teacher_prompts, completions, self.cfg.learner.packing)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,22 +249,28 @@ class Learner:
 
     @torch.no_grad()
     def export_weights(self, which: str = "student") -> dict[str, torch.Tensor] | None:
-        """Full CPU weights by checkpoint name, on rank 0 (None elsewhere). Every rank must call it
-        under ZeRO-3, because gathering is collective. With LoRA: the base plus the student's (or
-        the EMA teacher's) adapter, merged."""
+        """Full CPU weights by checkpoint name, on rank 0 (None elsewhere): the student's as the
+        engines serve them (`student`: quantized, with `model.quantization`), its full-precision
+        master weights (`master`: the same without quantization), or the EMA teacher's (`teacher`).
+        Every rank must call it under ZeRO-3, because gathering is collective. With LoRA: the base
+        plus the student's (or the EMA teacher's) adapter, merged."""
         if self.lora:
             with self._gathered(self.engine.module.parameters()):
                 if self.rank != 0:
                     return None
                 return adapters.merged_state_dict(self.engine.module, self._adapter_name(which))
-        module = self.engine.module if which == "student" else self.teacher
-        with self._gathered(module.parameters() if which == "student" else []):
+        student = which in ("student", "master")
+        module = self.engine.module if student else self.teacher
+        with self._gathered(module.parameters() if student else []):
             if self.rank != 0:
                 return None
-            return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+            weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+            if which == "student" and self.quantized:
+                weights = quantization.quantized_state_dict(module, weights)
+            return weights
 
     def _adapter_name(self, which: str) -> str:
-        if which == "student":
+        if which in ("student", "master"):
             return adapters.STUDENT
         if self.cfg.teacher.weights != "ema":
             raise ValueError(f"only an EMA teacher has weights of its own to export (teacher.weights="
@@ -261,10 +296,12 @@ class Learner:
             if self.rank == 0:
                 self.engine.module.save_pretrained(directory, selected_adapters=names)
 
-    def save_pretrained(self, directory: str) -> None:
-        """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0; with LoRA,
-        the base with the adapter merged in, under the base model's names."""
-        weights = self.export_weights("student")
+    def save_pretrained(self, directory: str, which: str = "master") -> None:
+        """Writes the student in `save_pretrained` format (plus the tokenizer) on rank 0: its
+        full-precision weights (`master`) or, with `model.quantization`, the quantized ones the
+        engines serve (`student`); with LoRA, the base with the adapter merged in, under the base
+        model's names."""
+        weights = self.export_weights(which)
         if self.rank != 0:
             return
         from transformers import AutoTokenizer

@@ -161,6 +161,18 @@ def chunked_logsumexp(logits_TV: torch.Tensor, *, temperature: float = 1.0, chun
     return torch.cat(parts) if parts else logits_TV.new_zeros(0, dtype=torch.float32)
 
 
+@torch.no_grad()
+def chunked_entropy(logits_TV: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """H_T [T] = −Σ_v p(v) log p(v) of softmax(logits_TV), in fp32, `chunk_size` positions at a time
+    (a monitoring quantity: no gradient, no [T, V] fp32 copy of the whole micro-batch)."""
+    def chunk_entropy(chunk: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    parts = [chunk_entropy(c) for c in logits_TV.detach().split(chunk_size)]
+    return torch.cat(parts) if parts else logits_TV.new_zeros(0, dtype=torch.float32)
+
+
 def gather_logprobs(logits_TV: torch.Tensor, ids_TK: torch.Tensor, lse_T: torch.Tensor, *,
                     temperature: float = 1.0) -> torch.Tensor:
     """[T, K] fp32 log-probs of the token ids `ids_TK` (e.g. [T, 1] sampled tokens or a top-k), given
@@ -380,6 +392,15 @@ def token_cross_entropy(logits_TV: torch.Tensor, targets_T: torch.Tensor, *, chu
     """
     lse_T = chunked_logsumexp(logits_TV, chunk_size=chunk_size)
     return -gather_logprobs(logits_TV, targets_T.reshape(-1, 1), lse_T)[:, 0]
+
+
+def cap_token_losses(loss_T: torch.Tensor, cap: float) -> torch.Tensor:
+    """Each token's loss, scaled down to at most `cap` where it is larger: min(ℓ, cap) in value, and
+    min(1, cap/ℓ)·∇ℓ in gradient (a per-token scale, detached). Unlike a clamp, a capped token still
+    pulls, in the same direction; it just no longer outweighs the tokens the student nearly has
+    right, whose small losses are what keep its existing skill in place."""
+    scale_T = (cap / loss_T.detach().clamp(min=1e-12)).clamp(max=1.0)
+    return loss_T * scale_T
 
 
 def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:

@@ -154,12 +154,41 @@ def targets_from_logits(teacher_logits_TV: torch.Tensor, batch: MicroBatch, topk
                           losses.gather_logprobs(teacher_logits_TV, topk_ids, lse), teacher_logits_TV)
 
 
-def targets_from_scores(scores: list[TeacherScores], batch: MicroBatch) -> TeacherTargets:
+def targets_from_scores(scores: list[TeacherScores], batch: MicroBatch, vocab_size: int) -> TeacherTargets:
     """Targets of a teacher that an engine scored (sampled token + top-k, from vLLM `prompt_logprobs`)."""
     device = batch.tokens_T1.device
-    return TeacherTargets(batch.per_token([s.token_logprobs for s in scores]),
-                          torch.tensor([ids for s in scores for ids in s.topk_ids], device=device),
+    topk_ids = torch.tensor([ids for s in scores for ids in s.topk_ids], device=device)
+    if topk_ids.numel() and topk_ids.max().item() >= vocab_size:
+        # an external teacher with a larger (padded) embedding ranked one of its padding rows in its top-k
+        raise ValueError(f"the teacher engine's top-k holds token id {topk_ids.max().item()}, past the student's "
+                         f"{vocab_size} vocabulary rows; teacher.scorer=learner drops such rows")
+    return TeacherTargets(batch.per_token([s.token_logprobs for s in scores]), topk_ids,
                           torch.tensor([lps for s in scores for lps in s.topk_logprobs], device=device))
+
+
+def merge_targets(parts: list[tuple[list[int], TeacherTargets]], lengths: list[int]) -> TeacherTargets:
+    """The targets of a batch whose rows were scored in parts (the rows of each part, in order, and
+    their targets), put back in the batch's row order; `lengths` are the rows' completion lengths.
+    The full-vocabulary logits are kept only when every part has them."""
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    # where each token of the parts, concatenated, goes in the batch
+    destination = torch.tensor([t for rows, _ in parts for row in rows for t in range(starts[row], starts[row + 1])],
+                               device=parts[0][1].token_T.device)
+
+    def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
+        joined = torch.cat(tensors)
+        out = torch.empty_like(joined)
+        out[destination] = joined
+        return out
+
+    targets = [t for _, t in parts]
+    logits = None
+    if all(t.logits_TV is not None for t in targets):
+        logits = merged([t.logits_TV for t in targets])
+    return TeacherTargets(merged([t.token_T for t in targets]), merged([t.topk_ids_TK for t in targets]),
+                          merged([t.topk_TK for t in targets]), logits)
 
 
 def divergence(cfg: Config, student_logits_TV: torch.Tensor, teacher: TeacherTargets, lp: SampledLogprobs,
@@ -188,6 +217,8 @@ def distill(student_logits_TV: torch.Tensor, batch: MicroBatch, cfg: Config,
     student_topk = (losses.gather_logprobs(student_logits_TV, teacher.topk_ids_TK, lp.student_lse_T)
                     if teacher.topk_ids_TK.numel() else None)
     per_token = divergence(cfg, student_logits_TV, teacher, lp, student_topk)
+    if loss_cfg.token_cap is not None:
+        per_token = losses.cap_token_losses(per_token, loss_cfg.token_cap)
     if loss_cfg.is_cap is not None and loss_cfg.estimator != "sampled":
         # full and top-k take the expectation over y_t exactly, at prefixes the engine's policy drew:
         # the learner's policy may have moved since (train.async's lag, numerics), so each position
@@ -206,8 +237,14 @@ def distill(student_logits_TV: torch.Tensor, batch: MicroBatch, cfg: Config,
             "distill/kl": masked_sum(lp.student_T - teacher.token_T, mask_T).item(),
             "distill/teacher_logprob": masked_sum(teacher.token_T, mask_T).item(),
             "distill/student_logprob": masked_sum(lp.student_T, mask_T).item(),
+            "distill/student_entropy": masked_sum(losses.chunked_entropy(student_logits_TV), mask_T).item(),
         }
         stats |= health_sums(lp, mask_T, loss_cfg.is_cap)
+        if cfg.teachers:  # a teacher per task: each task's own curves
+            for task in sorted({r.task for r in batch.rollouts}):
+                task_T = batch.per_rollout([r.task == task for r in batch.rollouts]).bool() & mask_T
+                stats |= {f"tokens/{task}": task_T.sum().item(), f"distill/{task}/loss": masked_sum(per_token, task_T).item(),
+                          f"distill/{task}/kl": masked_sum(lp.student_T - teacher.token_T, task_T).item()}
         if student_topk is not None:
             stats["distill/topk_mass"] = masked_sum(losses.topk_mass(student_topk), mask_T).item()
         if rl_T is not None:

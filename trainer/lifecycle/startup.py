@@ -12,19 +12,21 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 import rewards
+from core.errors import ConfigError
 from rollout.pool import EnginePool
 from rollout.weights import ObjectStoreTransport
 from trainer.cluster.engines import build_engines
 from trainer.cluster.learners import LearnerGroup
 from trainer.cluster.placement import placement_report, start_ray
-from trainer.cluster.warm import WarmActors, engine_key, learner_key
+from trainer.cluster.warm import WarmActors, engine_key, holds_own_weights, learner_key
 from trainer.config import Config, config_to_dict
-from trainer.config.implied import needs_teacher_engine
+from trainer.config.implied import external_models, external_role, needs_teacher_engine, task_teacher
 from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
 from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
 from trainer.data.sampler import PromptSampler
 from trainer.lifecycle.checkpoint import (data_summary, read_state, refuse_changed_config, resolve_resume,
                                           restore_sampler, summarize, truncate_logs)
+from trainer.lifecycle.external_teacher import check_external_teacher
 from trainer.step.sync import sync_weights
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,14 @@ def load_inputs(cfg: Config) -> Inputs:
     student and teacher prompts, drops or refuses the ones that leave no room for a completion, and
     resolves the reward functions."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    for model in external_models(cfg):
+        check_external_teacher(cfg, model, tokenizer)
     train_set, train_report = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
     eval_set, eval_report = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
-    encoded_train = encode_prompts(train_set, tokenizer, cfg.teacher.template)
-    encoded_eval = encode_prompts(eval_set, tokenizer, cfg.teacher.template)
+    refuse_unknown_tasks(cfg, train_set + eval_set, cfg.data.train)
+    template = lambda task: task_teacher(cfg, task).template  # noqa: E731
+    encoded_train = encode_prompts(train_set, tokenizer, template)
+    encoded_eval = encode_prompts(eval_set, tokenizer, template)
     max_model_len = cfg.model.max_model_len or AutoConfig.from_pretrained(cfg.model.path).max_position_embeddings
     train_set = drop_overlong(train_set, encoded_train, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
                               train_report)
@@ -62,6 +68,17 @@ def load_inputs(cfg: Config) -> Inputs:
                                  eval_report)
     return Inputs(tokenizer, train_set, eval_set, encoded_train, encoded_eval, train_report, eval_report,
                   fingerprint(train_set), rewards.resolve(cfg.rewards))
+
+
+def refuse_unknown_tasks(cfg: Config, train_set: list[Example], path) -> None:
+    """A `teachers` mapping that names a task the data (training and held-out sets: with stages, the
+    held-out sets of every stage) does not have is a typo, not a teacher to keep for later: refused,
+    naming the tasks the data has."""
+    found = sorted({e.task for e in train_set})
+    unknown = sorted(set(cfg.teachers) - set(found))
+    if unknown:
+        raise ConfigError(f"teachers: {', '.join(map(repr, unknown))} is no task of {path} or the held-out data (column "
+                          f"{cfg.data.columns.task!r}); its tasks: {', '.join(map(repr, found))}")
 
 
 @dataclass
@@ -73,21 +90,26 @@ class Actors:
     frozen: EnginePool | None
     """SSD: the frozen starting model that samples the training completions."""
     teachers: EnginePool | None
-    """A separate teacher engine, when the engine scores with weights other than the student's."""
+    """A separate engine of the student's own teacher weights, when the engine scores weights other than the student's."""
     learners: LearnerGroup
     transport: ObjectStoreTransport
+    external: dict[str, EnginePool] = field(default_factory=dict)
+    """An engine of each other checkpoint that teaches on an engine (`teacher.model`, `teachers`), by path."""
     warm: WarmActors | None = None
     """Where the actors go after the run, for the driver's next run; None = they are freed."""
     keys: list[tuple] = field(default_factory=list)
     """Each pool's and the learner group's `trainer.cluster.warm` key, in `groups()` order."""
 
-    @property
-    def scoring(self) -> EnginePool:
-        """The engines the teacher scores (and is evaluated) on: its own, or the students'."""
+    def scoring(self, model: str | None) -> EnginePool:
+        """The engines a teacher scores (and is evaluated) on: those of its checkpoint `model`, or
+        for the student's own teacher weights (None) their engine or the students' (live, or served
+        as an adapter)."""
+        if model is not None:
+            return self.external[model]
         return self.teachers or self.students
 
     def engine_pools(self) -> list[EnginePool]:
-        return [pool for pool in (self.students, self.frozen, self.teachers) if pool is not None]
+        return [pool for pool in (self.students, self.frozen, self.teachers, *self.external.values()) if pool is not None]
 
     def drain_restarts(self) -> list[dict]:
         """The engines that died and were restarted since the last call."""
@@ -108,8 +130,9 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     start_ray(cfg)
     # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
     ssd = cfg.loss.mode == "ssd"
+    externals = external_models(cfg, "engine")
     wanted = [("student", 1 if ssd else cfg.rollout.engines, True), ("frozen", cfg.rollout.engines, ssd),
-              ("teacher", 1, needs_teacher_engine(cfg))]
+              ("teacher", 1, needs_teacher_engine(cfg))] + [(external_role(cfg, m), 1, True) for m in externals]
     pools, taken_over, starting = {}, [], []
     for role, count, needed in wanted:  # new actors start side by side: their imports and loading overlap
         if not needed:
@@ -122,15 +145,25 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     for group in [*starting, learners]:
         group.wait_started()
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
-    if taken_over:  # they hold the last run's weights: give them this run's starting weights
-        starting_weights = learners.export("student")
+    quantized = cfg.model.quantization.scheme != "none"
+    if taken_over or quantized:
+        # taken-over pools hold the last run's weights: give them this run's starting weights. A
+        # quantized student is served its quantized weights from the start (fresh engines loaded
+        # the full-precision checkpoint); its own teacher stays the full-precision start.
+        served = learners.export("student")
+        master = learners.export("master") if quantized else served
         for pool in taken_over:
-            pool.start_over(transport, starting_weights)
-    placement = placement_report(cfg, pools["student"], pools["teacher"], learners)
+            pool.start_over(transport, None if holds_own_weights(pool.name) else
+                            master if pool is pools["teacher"] else served)
+        if quantized and pools["student"] in starting:
+            pools["student"].sync(transport, served, 0)
+    teacher_pools = [pools[role] for role, _, needed in wanted[2:] if needed]
+    placement = placement_report(cfg, pools["student"], teacher_pools, learners)
     (run_dir / "placement.json").write_text(json.dumps(placement, indent=1))
     keys = ([engine_key(cfg, count, role) for role, count, needed in wanted if needed] + [learner_key(cfg)]
             if warm is not None else [])
-    return Actors(pools["student"], pools["frozen"], pools["teacher"], learners, transport, warm, keys)
+    return Actors(pools["student"], pools["frozen"], pools["teacher"], learners, transport,
+                  {m: pools[external_role(cfg, m)] for m in externals}, warm, keys)
 
 
 def resume_point(cfg: Config, run_dir: Path, resume: str) -> tuple[Path | None, dict | None]:

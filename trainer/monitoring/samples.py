@@ -24,7 +24,7 @@ def sample_records(step: int, examples: list[Example], rollouts: list[Rollout], 
                   "reward": statistics.fmean(values.values()) if values else None, "rewards": values,
                   "tokens": [tokenizer.decode([t]) for t in rollout.completion_ids],
                   "student_logprobs": rollout.logprobs}
-        if scores is not None:
+        if scores is not None and scores[i] is not None:  # None: a learner scored it
             assert len(scores[i].token_logprobs) == len(rollout.completion_ids), "scores misaligned with rollouts"
             record["teacher_logprobs"] = scores[i].token_logprobs
         records.append(record)

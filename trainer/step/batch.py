@@ -19,7 +19,7 @@ import torch
 from rollout.batch import Rollout
 from rollout.prompts import encode_prompt, teacher_prompt
 from trainer.config import Config
-from trainer.config.implied import uses_rl, uses_teacher
+from trainer.config.implied import task_teacher, uses_rl, uses_teacher
 from trainer.data.prompts import EncodedPrompts
 from trainer.data.records import Example
 from trainer.learner import losses
@@ -112,9 +112,10 @@ def teacher_inputs(cfg: Config, examples: list[Example], rollouts: list[Rollout]
     Modes without a teacher get the student prompts as placeholders (the learner reads none)."""
     if not uses_teacher(cfg):
         return rollouts, [r.prompt_ids for r in rollouts], {}
+    by_id = {e.id: e for e in examples}
+    rollouts = [dataclasses.replace(r, task=by_id[r.example_id].task) for r in rollouts]
     if cfg.teacher.context == "dataset":
         return rollouts, [encoded.teacher[r.example_id] for r in rollouts], {}
-    by_id = {e.id: e for e in examples}
     texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     contexts = sibling_contexts(rollouts, table, cfg.rollout.n, texts, cfg.teacher.sibling_template,
                                 cfg.teacher.success_reward)
@@ -125,7 +126,8 @@ def teacher_inputs(cfg: Config, examples: list[Example], rollouts: list[Rollout]
             prompts.append(encoded.teacher[rollout.example_id])
             marked.append(dataclasses.replace(rollout, distill=False))
         else:
-            prompts.append(encode_prompt(teacher_prompt(example.prompt, context, cfg.teacher.template), tokenizer))
+            template = task_teacher(cfg, example.task).template
+            prompts.append(encode_prompt(teacher_prompt(example.prompt, context, template), tokenizer))
             marked.append(rollout)
     missing = sum(c is None for c in contexts)
     return marked, prompts, {"teacher/no_sibling_fraction": missing / max(len(contexts), 1)}

@@ -4,10 +4,12 @@ keeps state."""
 
 import hashlib
 import math
+from collections.abc import Callable
 
 from rollout.batch import Rollout, TeacherScores
 from rollout.pool import EnginePool
 from trainer.config import Config
+from trainer.config.implied import task_teacher
 from trainer.data.prompts import EncodedPrompts
 from trainer.data.records import Example
 
@@ -77,3 +79,25 @@ def score_on_engines(pool: EnginePool, rollouts: list[Rollout], teacher_prompts:
     (`adapter`: the vLLM LoRA adapter that plays the teacher, None = the engine's own weights)."""
     sequences = [p + r.completion_ids for p, r in zip(teacher_prompts, rollouts, strict=True)]
     return pool.score(sequences, [len(p) for p in teacher_prompts], topk, adapter=adapter)
+
+
+def score_by_teacher(cfg: Config, rollouts: list[Rollout], teacher_prompts: list[list[int]],
+                     pool_of: Callable[[str | None], EnginePool], adapter: str | None) -> list[TeacherScores | None] | None:
+    """Each rollout scored by its task's teacher (`trainer.config.implied.task_teacher`) on the
+    engines `pool_of(teacher.model)`, each pool on its share; None where a learner scores the
+    rollout, and None when no rollout is scored on an engine. `adapter` serves the student's own
+    teacher weights (an external checkpoint is its engine's own weights)."""
+    rows_of: dict[str | None, list[int]] = {}
+    for row, rollout in enumerate(rollouts):
+        teacher = task_teacher(cfg, rollout.task)
+        if teacher.scorer == "engine":
+            rows_of.setdefault(teacher.model, []).append(row)
+    if not rows_of:
+        return None
+    scores: list[TeacherScores | None] = [None] * len(rollouts)
+    for model, rows in rows_of.items():
+        part = score_on_engines(pool_of(model), [rollouts[i] for i in rows], [teacher_prompts[i] for i in rows],
+                                cfg.loss.topk, adapter=adapter if model is None else None)
+        for row, score in zip(rows, part, strict=True):
+            scores[row] = score
+    return scores

@@ -3,7 +3,7 @@ student engines, an EMA teacher's to wherever it scores."""
 
 from rollout.pool import EnginePool
 from trainer.config import Config
-from trainer.config.implied import adapter_sync
+from trainer.config.implied import adapter_sync, own_teacher_scored_on_engines
 
 STUDENT_ADAPTER, TEACHER_ADAPTER = "student", "teacher"
 
@@ -21,7 +21,7 @@ def sync_weights(cfg: Config, learners, transport, students: EnginePool, teacher
     """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it scores."""
     if adapter_sync(cfg):
         students.sync(transport, learners.export_adapter("student"), version, adapter=STUDENT_ADAPTER)
-        if cfg.teacher.weights == "ema" and cfg.teacher.scorer == "engine":
+        if cfg.teacher.weights == "ema" and own_teacher_scored_on_engines(cfg):
             students.sync(transport, learners.export_adapter("teacher"), teacher_version, adapter=TEACHER_ADAPTER)
         return
     students.sync(transport, learners.export("student"), version)
