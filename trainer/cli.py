@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build with the same settings")
     prep.add_argument("--with-teacher", action="store_true",
                       help="also train the stronger checkpoint DIR/teacher/model, which answers from the question "
-                           "alone, for teacher.model (about 2 more minutes on 2 cores, cached likewise)")
+                           "alone, for teacher.model (about 2.5 more minutes on 2 cores, cached likewise)")
     prep.set_defaults(run=_toy_prepare)
     return parser
 
