@@ -59,25 +59,9 @@ def run(name: str, args) -> tuple[list[dict], Path]:
 
 def export_accuracy(run_dir: Path, eval_file: str) -> float:
     """Greedy held-out accuracy of the last checkpoint's `quantized/` export, in a fresh vLLM engine."""
-    import ray
-    from transformers import AutoTokenizer
-
-    from rewards.answer import is_match
-    from rollout.engine import RolloutEngine
-    from trainer.cluster.engines import CPU_ENGINE_ENV
-    from trainer.data.records import load_examples
     from trainer.lifecycle.checkpoint import resolve_resume
-    export = resolve_resume(run_dir, "auto") / "quantized"
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    examples, _ = load_examples(eval_file)
-    engine = ray.remote(RolloutEngine).options(num_cpus=0, runtime_env={"env_vars": CPU_ENGINE_ENV}).remote(str(export))
-    try:
-        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
-        rollouts = ray.get(engine.generate.remote(prompts, [e.id for e in examples], max_tokens=8, temperature=0.0))
-    finally:
-        ray.kill(engine)
-    texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    return sum(is_match(t, e.answer) for t, e in zip(texts, examples, strict=True)) / len(examples)
+    from trainer.step.evaluation import saved_model_accuracy
+    return saved_model_accuracy(resolve_resume(run_dir, "auto") / "quantized", eval_file)
 
 
 def main():

@@ -75,13 +75,14 @@ def test_a_quantized_student_is_served_its_quantized_weights_and_checkpoints_bot
                                                                                 warm_actors):
     """Three QAD steps on real engines and learners: the engines sample from exactly the weights
     the learner's fake-quantized forward uses (the logprob gap stays at float rounding), and the
-    checkpoint holds the full-precision master
-    (`hf/`) and the quantized export (`quantized/`) that is its quantization."""
+    checkpoint holds the full-precision master (`hf/`) and the quantized export (`quantized/`) that
+    is its quantization, which a fresh vLLM engine loads and answers with as the run's engines did."""
     from safetensors.torch import load_file
 
     from test_backbone import toy_config
     from trainer.loop import train
     from trainer.monitoring.metrics import read_metrics
+    from trainer.step.evaluation import saved_model_accuracy
     cfg = toy_config(toy_world, small_eval, tmp_path, "train.steps=3", "model.quantization.scheme=int2",
                      "teacher.template={prompt}")
     train(cfg, warm=warm_actors)
@@ -96,3 +97,6 @@ def test_a_quantized_student_is_served_its_quantized_weights_and_checkpoints_bot
         torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(served["model.layers.0.mlp.down_proj.weight"],
                            load_file(step / "hf" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"])
+    # the export loads in a fresh vLLM engine and answers as the run's engines did at its last evaluation
+    assert saved_model_accuracy(step / "quantized", small_eval) == metrics[-1]["eval/addition/accuracy"]
+

@@ -27,3 +27,26 @@ def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts,
             per_task[example.task].append(score)
     name = "teacher_accuracy" if teacher else "accuracy"
     return {f"eval/{task}/{name}": statistics.fmean(values) for task, values in per_task.items()}
+
+
+def saved_model_accuracy(model_dir, eval_file, max_tokens: int = 8) -> float:
+    """Greedy accuracy on `eval_file`, from the plain prompt, of a model saved in `model_dir` (e.g. a
+    checkpoint's `quantized/` export), in a fresh vLLM engine actor of its own on the running Ray."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rewards.answer import is_match
+    from rollout.engine import RolloutEngine
+    from trainer.cluster.engines import CPU_ENGINE_ENV
+    from trainer.data.records import load_examples
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = load_examples(eval_file)
+    engine = ray.remote(RolloutEngine).options(num_cpus=0, runtime_env={"env_vars": CPU_ENGINE_ENV}).remote(str(model_dir))
+    try:
+        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+        rollouts = ray.get(engine.generate.remote(prompts, [e.id for e in examples], max_tokens=max_tokens,
+                                                  temperature=0.0))
+    finally:
+        ray.kill(engine)
+    texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    return sum(is_match(t, e.answer) for t, e in zip(texts, examples, strict=True)) / len(examples)
