@@ -182,9 +182,10 @@ class Learner:
         """Each rollout's teacher targets, from its task's teacher: scored here (a forward of the
         teacher on this rank) or by its engine (`scores`); a batch of several teachers is scored by
         each on its own rollouts, then put back in order."""
-        teachers = [task_teacher(self.cfg, r.task) for r in batch.rollouts]
+        teacher_of = {task: task_teacher(self.cfg, task) for task in {r.task for r in batch.rollouts}}
         groups: dict[tuple, list[int]] = {}
-        for row, teacher in enumerate(teachers):
+        for row, rollout in enumerate(batch.rollouts):
+            teacher = teacher_of[rollout.task]
             groups.setdefault((teacher.model, teacher.scorer), []).append(row)
         parts = []
         for (model, scorer), rows in groups.items():

@@ -13,6 +13,7 @@ log-softmax is ever held (only the `full` estimator reads every vocabulary entry
 Shapes: `_T` the micro-batch's completion tokens flattened, `_V` the vocabulary, `_K` the top-k.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -170,9 +171,7 @@ def merge_targets(parts: list[tuple[list[int], TeacherTargets]], lengths: list[i
     """The targets of a batch whose rows were scored in parts (the rows of each part, in order, and
     their targets), put back in the batch's row order; `lengths` are the rows' completion lengths.
     The full-vocabulary logits are kept only when every part has them."""
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
+    starts = [0, *itertools.accumulate(lengths)]
     # where each token of the parts, concatenated, goes in the batch
     destination = torch.tensor([t for rows, _ in parts for row in rows for t in range(starts[row], starts[row + 1])],
                                device=parts[0][1].token_T.device)
