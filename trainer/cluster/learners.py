@@ -11,6 +11,7 @@ from core.errors import LearnerDiedError
 from rollout.pool import all_answer, shards
 from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
 from trainer.config import Config, config_to_dict
+from trainer.config.implied import quantized_student
 from trainer.learner.learner import Learner
 from trainer.learner.metrics import merge_rank_metrics
 
@@ -38,7 +39,7 @@ class LearnerGroup:
             group, placement_group_bundle_index=0)).remote())
         config = config_to_dict(cfg)
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
-        self.quantized = cfg.model.quantization.scheme != "none"
+        self.quantized = quantized_student(cfg)
         self.cpu_threads = 1 if gpu else group_cpu_threads(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
         self.actors = [ray.remote(Learner).options(**actor_options(gpu, group, rank)).remote(
                            config, rank, cfg.learner.num, address, port, self.cpu_threads)
@@ -54,7 +55,7 @@ class LearnerGroup:
         """Every rank rebuilds its models, optimizer and DeepSpeed engine for another run's config
         (`trainer.cluster.warm`); the actors, their process group and their threads stay."""
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
-        self.quantized = cfg.model.quantization.scheme != "none"
+        self.quantized = quantized_student(cfg)
         config = config_to_dict(cfg)
         self._get([actor.configure.remote(config) for actor in self.actors], "configure")
 

@@ -64,12 +64,12 @@ def _template_fields(template: str) -> set[str]:
 def _teacher_problems(cfg: "Config") -> list[tuple[str, str]]:
     """Checks of every teacher (the `teacher` section and each task's): its template, an external
     checkpoint's weights, and where it scores."""
-    from trainer.config.implied import task_teacher
+    from trainer.config.implied import quantized_student, task_teacher
     problems = []
     teachers = [("teacher", cfg.teacher)] + [(f"teachers.{task}", task_teacher(cfg, task)) for task in cfg.teachers]
     for where, teacher in teachers:
         fields = _template_fields(teacher.template)
-        quantized = cfg.model.quantization.scheme != "none"  # the full-precision start teaches the quantized student
+        quantized = quantized_student(cfg)  # the full-precision start teaches the quantized student
         if teacher.model is None and not quantized and fields != {"prompt", "context"}:
             problems.append((f"{where}.template", "must use exactly the fields {prompt} and {context} (a teacher of the "
                                                   f"student's own weights learns only from the context), got {sorted(fields)}"))

@@ -20,6 +20,11 @@ def adapter_sync(cfg: Config) -> bool:
     return cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter"
 
 
+def quantized_student(cfg: Config) -> bool:
+    """The student is trained and served quantized (`model.quantization`)."""
+    return cfg.model.quantization.scheme != "none"
+
+
 def task_teacher(cfg: Config, task: str) -> TeacherConfig:
     """The teacher of a task: the `teacher` section, with what `teachers.<task>` sets instead."""
     override = cfg.teachers.get(task)

@@ -23,7 +23,7 @@ import torch
 from core.errors import ConfigError
 from rollout.batch import Rollout, TeacherScores
 from trainer.config import config_from_dict
-from trainer.config.implied import external_models, own_teacher_on_learners, task_teacher
+from trainer.config.implied import external_models, own_teacher_on_learners, quantized_student, task_teacher
 from trainer.learner import adapters, objectives, quantization
 from trainer.learner.forward import WithKwargs, aligned_vocabulary, completion_logits
 from trainer.learner.metrics import token_means
@@ -72,7 +72,7 @@ class Learner:
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
         model = self._load(AutoModelForCausalLM, dtype)
         self.vocab_size = model.config.vocab_size
-        self.quantized = cfg.model.quantization.scheme != "none"
+        self.quantized = quantized_student(cfg)
         if self.quantized:  # before DeepSpeed and LoRA: the engine trains the fake-quantized layers
             model = quantization.prepare(model, cfg.model.quantization)
         if self.lora:

@@ -20,7 +20,7 @@ from trainer.cluster.learners import LearnerGroup
 from trainer.cluster.placement import placement_report, start_ray
 from trainer.cluster.warm import WarmActors, engine_key, holds_own_weights, learner_key
 from trainer.config import Config, config_to_dict
-from trainer.config.implied import external_models, external_role, needs_teacher_engine, task_teacher
+from trainer.config.implied import external_models, external_role, needs_teacher_engine, quantized_student, task_teacher
 from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
 from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
 from trainer.data.sampler import PromptSampler
@@ -70,11 +70,11 @@ def load_inputs(cfg: Config) -> Inputs:
                   fingerprint(train_set), rewards.resolve(cfg.rewards))
 
 
-def refuse_unknown_tasks(cfg: Config, train_set: list[Example], path) -> None:
+def refuse_unknown_tasks(cfg: Config, examples: list[Example], path) -> None:
     """A `teachers` mapping that names a task the data (training and held-out sets: with stages, the
     held-out sets of every stage) does not have is a typo, not a teacher to keep for later: refused,
     naming the tasks the data has."""
-    found = sorted({e.task for e in train_set})
+    found = sorted({e.task for e in examples})
     unknown = sorted(set(cfg.teachers) - set(found))
     if unknown:
         raise ConfigError(f"teachers: {', '.join(map(repr, unknown))} is no task of {path} or the held-out data (column "
@@ -145,7 +145,7 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     for group in [*starting, learners]:
         group.wait_started()
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
-    quantized = cfg.model.quantization.scheme != "none"
+    quantized = quantized_student(cfg)
     if taken_over or quantized:
         # taken-over pools hold the last run's weights: give them this run's starting weights. A
         # quantized student is served its quantized weights from the start (fresh engines loaded
