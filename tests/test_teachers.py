@@ -9,6 +9,7 @@ import shutil
 import statistics
 
 import pytest
+import torch
 
 from core.errors import ConfigError
 from test_backbone import toy_config
@@ -24,6 +25,18 @@ from trainer.monitoring.metrics import read_metrics
 def base_copy(toy_world, tmp_path_factory):
     """The toy base's files in another directory: another checkpoint, as far as the run can tell."""
     return shutil.copytree(toy_world / "model", tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(base_copy, tmp_path_factory):
+    """The base with one MLP's weights perturbed: a checkpoint whose scores differ from the base's."""
+    from safetensors.torch import load_file, save_file
+    out = shutil.copytree(base_copy, tmp_path_factory.mktemp("other") / "model")
+    weights = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name] + 0.05 * torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def test_vocabulary_difference_names_the_first_id_read_differently():
@@ -69,10 +82,11 @@ def test_a_checkpoint_with_fewer_vocabulary_rows_or_none_at_all_is_refused(toy_w
 @pytest.mark.slow
 @pytest.mark.parametrize("scorer", ["engine", "learner"])
 def test_a_copy_of_the_base_as_teacher_model_trains_as_the_initial_teacher(toy_world, small_eval, tmp_path, base_copy,
-                                                                           warm_actors, scorer):
+                                                                           other_checkpoint, warm_actors, scorer):
     overrides = ["train.steps=3", f"teacher.scorer={scorer}"] + (["loss.estimator=full"] if scorer == "learner" else [])
     losses = {}
-    for name, extra in (("own", []), ("external", [f"teacher.model={base_copy}"])):
+    for name, extra in (("own", []), ("external", [f"teacher.model={base_copy}"]),
+                        ("other", [f"teacher.model={other_checkpoint}"])):
         cfg = toy_config(toy_world, small_eval, tmp_path, f"name={name}", *overrides, *extra)
         train(cfg, warm=warm_actors)
         metrics = read_metrics(tmp_path / name)
@@ -83,6 +97,8 @@ def test_a_copy_of_the_base_as_teacher_model_trains_as_the_initial_teacher(toy_w
             assert "eval/addition/teacher_accuracy" not in metrics[0]
     assert len(losses["own"]) == 3
     assert losses["external"] == pytest.approx(losses["own"], abs=1e-6)
+    # another checkpoint really scores: a run taught by other weights trains on other targets
+    assert abs(losses["other"][0] - losses["own"][0]) > 1e-3, losses
 
 
 def _columns_apart(path, out):
