@@ -92,15 +92,30 @@ class TransformersEngine:
                  seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0,
                  cpu_threads: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         if max_lora_rank > 0:
             raise ValueError(f"the transformers engine serves no LoRA adapters (max_lora_rank={max_lora_rank}); "
                              "use rollout.backend=vllm or model.lora.sync=merged")
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cpu" and cpu_threads:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
-        tok = AutoTokenizer.from_pretrained(tokenizer or model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        self._serve(model, tokenizer or model_path, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs)
+
+    @classmethod
+    def serving(cls, model, tokenizer: str, *, max_model_len: int | None = None, seed: int = 0,
+                max_logprobs: int = 20) -> "TransformersEngine":
+        """An engine on a model that lives elsewhere, read as it is at every call (a learner rank's own
+        module, `rollout.colocate`): no copy of the weights, so a weight update is seen at once and
+        `set_version` is all a sync does."""
+        engine = cls.__new__(cls)
+        engine._serve(model, tokenizer, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs)
+        return engine
+
+    def _serve(self, model, tokenizer: str, *, max_model_len: int | None, seed: int, max_logprobs: int):
+        from transformers import AutoTokenizer
+        self.model, self.device = model, next(model.parameters()).device
+        tok = AutoTokenizer.from_pretrained(tokenizer)
         self.eos_ids = torch.tensor(sorted(eos_ids(self.model, tok)), dtype=torch.long)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else int(self.eos_ids[0])
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
@@ -219,6 +234,11 @@ class TransformersEngine:
 
     def version(self) -> int:
         return self.policy_version
+
+    def set_version(self, version: int) -> int:
+        """A served model was updated in place (`serving`): its samples carry `version` from now on."""
+        self.policy_version = version
+        return version
 
     def _no_adapter(self, adapter: str | None):
         if adapter is not None:

@@ -51,7 +51,7 @@ class EnginePool:
         results: list = [None] * len(parts)
         pending = {}
         for i, part in enumerate(parts):
-            pending[getattr(self.actors[i], method).remote(*(c[part] for c in columns), **kwargs)] = i
+            pending[self._call(self.actors[i], method, *(c[part] for c in columns), **kwargs)] = i
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
@@ -59,8 +59,12 @@ class EnginePool:
                 results[i] = ray.get(ready[0])
             except RayActorError as e:
                 self._recover(i, e, f"{method} of {parts[i].stop - parts[i].start} items")
-                pending[getattr(self.actors[i], method).remote(*(c[parts[i]] for c in columns), **kwargs)] = i
+                pending[self._call(self.actors[i], method, *(c[parts[i]] for c in columns), **kwargs)] = i
         return [item for result in results for item in result]
+
+    def _call(self, actor, method: str, *args, **kwargs) -> "ray.ObjectRef":
+        """One engine call: the engine actor's own method."""
+        return getattr(actor, method).remote(*args, **kwargs)
 
     def _recover(self, i: int, error: RayActorError, lost: str):
         """Waits for Ray to restart engine i and gives it the current weights; raises if it cannot."""

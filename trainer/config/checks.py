@@ -28,6 +28,7 @@ def cross_field_problems(cfg: "Config") -> list[tuple[str, str]]:
         problems.append((f"stages.{names.index(name)}.name", f"{name!r} names more than one stage"))
     problems += _teacher_problems(cfg)
     problems += _quantization_problems(cfg)
+    problems += _colocation_problems(cfg)
     if cfg.rollout.min_tokens > cfg.rollout.max_tokens:
         problems.append(("rollout.min_tokens", f"must be at most rollout.max_tokens={cfg.rollout.max_tokens}, "
                                                f"got {cfg.rollout.min_tokens}"))
@@ -108,6 +109,27 @@ def _quantization_problems(cfg: "Config") -> list[tuple[str, str]]:
                               ("loss.mode", cfg.loss.mode == "ssd", "SSD samples the frozen full-precision model")):
         if refused:
             problems.append((key, f"does not combine with model.quantization.scheme={scheme!r}: {why}"))
+    return problems
+
+
+def _colocation_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """What engines inside the learner ranks (`rollout.colocate`) do not combine with."""
+    if not cfg.rollout.colocate:
+        return []
+    problems = []
+    for key, refused, why in (
+            ("rollout.backend", cfg.rollout.backend != "transformers",
+             "the learner ranks host transformers engines only (vLLM in a learner rank is not built yet): set "
+             "rollout.backend=transformers, or keep separate vLLM engines"),
+            ("train.async", cfg.train.async_, "overlapping generation with training needs engines on devices of their "
+                                              "own; colocated engines share the learner's"),
+            ("loss.mode", cfg.loss.mode == "ssd", "SSD samples a frozen copy of the starting model on engines of its own"),
+            ("model.lora.r", cfg.model.lora.r > 0, "colocated engines serving LoRA adapters are not built yet"),
+            ("learner.zero_stage", cfg.learner.zero_stage == 3,
+             "a ZeRO-3 rank holds a shard of the weights, and colocated sampling would gather them at every token: "
+             "use zero_stage 2")):
+        if refused:
+            problems.append((key, f"does not combine with rollout.colocate=true: {why}"))
     return problems
 
 

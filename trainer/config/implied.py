@@ -38,8 +38,13 @@ def all_teachers(cfg: Config) -> list[TeacherConfig]:
     return [cfg.teacher] + [task_teacher(cfg, task) for task in cfg.teachers]
 
 
+def colocated(cfg: Config) -> bool:
+    """The learner ranks host the student's engines, and its own teacher weights' (`rollout.colocate`)."""
+    return cfg.rollout.colocate
+
+
 def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine holds the student's own teacher weights (`teacher.weights`, shared by every
+    """A separate engine (colocated: in each learner rank) holds the student's own teacher weights (`teacher.weights`, shared by every
     teacher without a `model`) when the engine scores them and they are not live, unless the student
     engines can serve them as an adapter (or no adapter: the base)."""
     return (cfg.teacher.weights in ("initial", "ema") and not adapter_sync(cfg)
@@ -53,9 +58,10 @@ def own_teacher_scored_on_engines(cfg: Config) -> bool:
 
 def own_teacher_on_learners(cfg: Config) -> bool:
     """Each learner holds a copy of the student's own teacher weights: to score them (initial, or
-    an EMA) or to keep the EMA up to date."""
+    an EMA), to keep the EMA up to date, or for its colocated teacher engine to serve."""
     return uses_teacher(cfg) and (cfg.teacher.weights == "ema" or any(
-        t.model is None and t.scorer == "learner" and t.weights == "initial" for t in all_teachers(cfg)))
+        t.model is None and t.scorer == "learner" and t.weights == "initial" for t in all_teachers(cfg))
+        or (colocated(cfg) and needs_teacher_engine(cfg)))
 
 
 def external_models(cfg: Config, scorer: str | None = None) -> list[str]:

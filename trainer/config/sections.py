@@ -206,6 +206,8 @@ class RolloutConfig:
     """Times Ray restarts a dead engine; the restarted engine gets the current weights and redoes its lost shard."""
     cpu_threads: Positive | None = None
     """CPU only: torch threads per engine; null = its node's cores shared among the actors that compute at the same time (see `learner.cpu_threads`)."""
+    colocate: bool = False
+    """Each learner rank hosts the engines itself and samples (and, as the teacher, scores) its own shard with the very modules it trains: no engine actors, and a weight sync moves nothing. For one node and small models; `rollout.engines` is then the learner count. Needs `rollout.backend=transformers` (vLLM in the learner ranks is not built yet)."""
 
 
 @dataclass

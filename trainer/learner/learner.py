@@ -22,8 +22,10 @@ import torch
 
 from core.errors import ConfigError
 from rollout.batch import Rollout, TeacherScores
+from rollout.hf_engine import TransformersEngine
 from trainer.config import config_from_dict
-from trainer.config.implied import external_models, own_teacher_on_learners, quantized_student, task_teacher
+from trainer.config.implied import (colocated, external_models, needs_teacher_engine, own_teacher_on_learners,
+                                    quantized_student, task_teacher)
 from trainer.learner import adapters, objectives, quantization
 from trainer.learner.forward import WithKwargs, aligned_vocabulary, completion_logits
 from trainer.learner.metrics import token_means
@@ -82,13 +84,34 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.colocated_engines = self._colocated_engines() if colocated(cfg) else {}
         return self.rank
+
+    def _colocated_engines(self) -> dict[str, TransformersEngine]:
+        """`rollout.colocate`: this rank's engines, reading its own modules as they are at each call
+        (the student it trains; the copy of its own teacher weights, when an engine scores them),
+        seeded as the rank-th engine of a separate pool would be."""
+        tokenizer = self.cfg.model.tokenizer or self.cfg.model.path
+        common = dict(max_model_len=self.cfg.model.max_model_len, seed=self.cfg.train.seed + self.rank,
+                      max_logprobs=self.cfg.loss.topk)
+        engines = {"student": TransformersEngine.serving(self.engine.module, tokenizer, **common)}
+        if needs_teacher_engine(self.cfg):
+            engines["teacher"] = TransformersEngine.serving(self.teacher, tokenizer, **common)
+        return engines
+
+    def colocated(self, role: str, method: str, *args, **kwargs):
+        """A call of this rank's colocated `role` engine (`trainer.cluster.colocated`): `generate`,
+        `score` or `set_version`, as on an engine actor. The modules stay in eval mode (as in training:
+        no dropout), and sampling draws from the engine's own generators, never this rank's RNG."""
+        self.engine.eval()
+        return getattr(self.colocated_engines[role], method)(*args, **kwargs)
 
     def _release(self):
         """Drops the previous run's models and engine, and its ZeRO-3 marker: transformers reads a
         live `HfDeepSpeedConfig` as "partition every model built from now on"."""
         import gc
-        for name in ("engine", "optimizer", "scheduler", "teacher", "external_teachers", "_ema_master", "_hf_ds_config"):
+        for name in ("colocated_engines", "engine", "optimizer", "scheduler", "teacher", "external_teachers", "_ema_master",
+                     "_hf_ds_config"):
             self.__dict__.pop(name, None)
         gc.collect()
 

@@ -15,12 +15,14 @@ import rewards
 from core.errors import ConfigError
 from rollout.pool import EnginePool
 from rollout.weights import ObjectStoreTransport
+from trainer.cluster.colocated import ColocatedPool
 from trainer.cluster.engines import build_engines
 from trainer.cluster.learners import LearnerGroup
 from trainer.cluster.placement import placement_report, start_ray
 from trainer.cluster.warm import WarmActors, engine_key, holds_own_weights, learner_key
 from trainer.config import Config, config_to_dict
-from trainer.config.implied import external_models, external_role, needs_teacher_engine, quantized_student, task_teacher
+from trainer.config.implied import (colocated, external_models, external_role, needs_teacher_engine, quantized_student,
+                                    task_teacher)
 from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
 from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
 from trainer.data.sampler import PromptSampler
@@ -98,7 +100,7 @@ class Actors:
     warm: WarmActors | None = None
     """Where the actors go after the run, for the driver's next run; None = they are freed."""
     keys: list[tuple] = field(default_factory=list)
-    """Each pool's and the learner group's `trainer.cluster.warm` key, in `groups()` order."""
+    """Each separate pool's and the learner group's `trainer.cluster.warm` key, in `close()`'s order."""
 
     def scoring(self, model: str | None) -> EnginePool:
         """The engines a teacher scores (and is evaluated) on: those of its checkpoint `model`, or
@@ -116,7 +118,8 @@ class Actors:
         return [restart for pool in self.engine_pools() for restart in pool.drain_restarts()]
 
     def close(self):
-        groups = [*self.engine_pools(), self.learners]
+        # colocated pools are the learner ranks: the learner group keeps or frees them
+        groups = [*(p for p in self.engine_pools() if not isinstance(p, ColocatedPool)), self.learners]
         if self.warm is not None:
             self.warm.keep(list(zip(self.keys, groups, strict=True)))
             return
@@ -126,27 +129,30 @@ class Actors:
 
 def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> Actors:
     """Joins or starts Ray, starts every engine and learner rank (or, with `warm`, takes over the
-    driver's idle ones that were built the same way), and writes `placement.json`."""
+    driver's idle ones that were built the same way), and writes `placement.json`. With
+    `rollout.colocate` the student's engines, and its own teacher weights', are the learner ranks."""
     start_ray(cfg)
     # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
     ssd = cfg.loss.mode == "ssd"
     externals = external_models(cfg, "engine")
+    in_learners = {"student", "teacher"} if colocated(cfg) else set()
     wanted = [("student", 1 if ssd else cfg.rollout.engines, True), ("frozen", cfg.rollout.engines, ssd),
               ("teacher", 1, needs_teacher_engine(cfg))] + [(external_role(cfg, m), 1, True) for m in externals]
-    pools, taken_over, starting = {}, [], []
-    for role, count, needed in wanted:  # new actors start side by side: their imports and loading overlap
-        if not needed:
-            pools[role] = None
-            continue
+    separate = [(role, count) for role, count, needed in wanted if needed and role not in in_learners]
+    pools, taken_over, starting = {role: None for role, _, _ in wanted}, [], []
+    for role, count in separate:  # new actors start side by side: their imports and loading overlap
         pools[role], old = warm.engines(cfg, count, role) if warm is not None else \
             (build_engines(cfg, count, role, wait=False), False)
         (taken_over if old else starting).append(pools[role])
     learners = warm.learners(cfg) if warm is not None else LearnerGroup(cfg, wait=False)
     for group in [*starting, learners]:
         group.wait_started()
+    for role, _, needed in wanted:
+        if needed and role in in_learners:
+            pools[role] = ColocatedPool(role, learners.actors)
     transport = ObjectStoreTransport(cfg.rollout.sync_timeout_s)
     quantized = quantized_student(cfg)
-    if taken_over or quantized:
+    if taken_over or (quantized and pools["student"] in starting):
         # taken-over pools hold the last run's weights: give them this run's starting weights. A
         # quantized student is served its quantized weights from the start (fresh engines loaded
         # the full-precision checkpoint); its own teacher stays the full-precision start.
@@ -160,8 +166,7 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     teacher_pools = [pools[role] for role, _, needed in wanted[2:] if needed]
     placement = placement_report(cfg, pools["student"], teacher_pools, learners)
     (run_dir / "placement.json").write_text(json.dumps(placement, indent=1))
-    keys = ([engine_key(cfg, count, role) for role, count, needed in wanted if needed] + [learner_key(cfg)]
-            if warm is not None else [])
+    keys = [engine_key(cfg, count, role) for role, count in separate] + [learner_key(cfg)] if warm is not None else []
     return Actors(pools["student"], pools["frozen"], pools["teacher"], learners, transport,
                   {m: pools[external_role(cfg, m)] for m in externals}, warm, keys)
 

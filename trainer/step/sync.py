@@ -1,9 +1,9 @@
 """After a step, the new weights reach the engines: the student's (or its LoRA adapter) to the
-student engines, an EMA teacher's to wherever it scores."""
+student engines, an EMA teacher's to wherever it scores (colocated engines: nothing moves)."""
 
 from rollout.pool import EnginePool
 from trainer.config import Config
-from trainer.config.implied import adapter_sync, own_teacher_scored_on_engines
+from trainer.config.implied import adapter_sync, colocated, own_teacher_scored_on_engines
 
 STUDENT_ADAPTER, TEACHER_ADAPTER = "student", "teacher"
 
@@ -18,7 +18,13 @@ def engine_adapters(cfg: Config) -> tuple[str | None, str | None]:
 
 def sync_weights(cfg: Config, learners, transport, students: EnginePool, teacher_engines: EnginePool | None,
                  version: int, teacher_version: int) -> None:
-    """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it scores."""
+    """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it
+    scores. Colocated engines read the weights in place: only the versions move."""
+    if colocated(cfg):
+        students.advance(version)
+        if teacher_engines is not None and cfg.teacher.weights == "ema":
+            teacher_engines.advance(teacher_version)
+        return
     if adapter_sync(cfg):
         students.sync(transport, learners.export_adapter("student"), version, adapter=STUDENT_ADAPTER)
         if cfg.teacher.weights == "ema" and own_teacher_scored_on_engines(cfg):
