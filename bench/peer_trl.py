@@ -2,6 +2,7 @@
 
     python bench/peer_trl.py                  # both sizes, TRL's hf and vllm modes (about 8 minutes, see below)
     python bench/peer_trl.py --sizes toy --toy-rounds 1 --toy-steps 4 --trl-modes hf1   # a quick check
+    python bench/peer_trl.py --sizes toy --colocate    # selfdistill with its engine inside the learner
 
 Two sizes, the same base model, data and settings on both sides:
 
@@ -155,12 +156,16 @@ def selfdistill_overrides(size: str, name: str, out: Path, total_steps: int) -> 
             f"learner.micro_batch={PROMPTS_PER_STEP}", "learner.weight_decay=0", "learner.grad_clip=1.0"]
 
 
-def run_selfdistill(size: str, name: str, out: Path, warmup: int, steps: int) -> list[dict]:
+COLOCATED = ["rollout.colocate=true", "rollout.backend=transformers"]
+"""`--colocate`: selfdistill's engine inside its learner rank (no engine actor, no weight transfer)."""
+
+
+def run_selfdistill(size: str, name: str, out: Path, warmup: int, steps: int, extra: tuple[str, ...] = ()) -> list[dict]:
     """One run of `warmup + steps` steps; the metrics of the last `steps`."""
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.monitoring.metrics import read_metrics
-    train(load_config(ROOT / "configs" / "toy.yaml", selfdistill_overrides(size, name, out, warmup + steps)))
+    train(load_config(ROOT / "configs" / "toy.yaml", [*selfdistill_overrides(size, name, out, warmup + steps), *extra]))
     gc.collect()  # drop the run's actor handles, so that Ray ends its engine and learner
     return [m for m in read_metrics(out / name) if m["step"] > warmup]
 
@@ -271,7 +276,7 @@ class Plan:
     steps: int  # steps per run measured
 
 
-def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int) -> dict:
+def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int, extra: tuple[str, ...] = ()) -> dict:
     """Alternates selfdistill and TRL's modes for `plan.rounds` rounds; prints each run, returns the
     per-round steady (s/step, tokens/s) of each side and selfdistill's phase times."""
     runs = {"selfdistill": [], **{f"trl-{m}": [] for m in modes}}
@@ -283,7 +288,7 @@ def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int
         for side in order:
             started = time.perf_counter()
             if side == "selfdistill":
-                metrics = run_selfdistill(size, f"sd-{size}-{r}", out, warmup, steps)
+                metrics = run_selfdistill(size, f"sd-{size}-{r}", out, warmup, steps, extra)
                 phases.append(phase_means(metrics))
                 measured, threads = selfdistill_steps(metrics), f"{os.cpu_count()} per phase"
             else:
@@ -329,6 +334,8 @@ def main():
     parser.add_argument("--trl-modes", nargs="+", default=["hf", "vllm"], choices=list(TRL_MODES),
                         help="TRL modes to measure (hf: HF generate, torch's default threads; hf1: the same on one "
                              "thread; vllm: colocated vLLM); the fastest is compared")
+    parser.add_argument("--colocate", action="store_true", help="selfdistill with rollout.colocate=true "
+                        "(transformers backend): its engine inside the learner rank")
     parser.add_argument("--out", default=str(ROOT / "runs" / "peer_trl"))
     parser.add_argument("--trl-worker", nargs=4, metavar=("SIZE", "MODE", "STEPS", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,7 +356,8 @@ def main():
         plan = Plan(*(getattr(args, f"{size}_{key}") for key in ("rounds", "warmup", "steps")))
         print(f"{size}: {plan.rounds} round(s) of {plan.warmup} + {plan.steps} steps of {PROMPTS_PER_STEP} prompts, "
               f"completions ≤ {SIZES[size].max_tokens} tokens", flush=True)
-        ratios[size] = report(size, bench_size(size, plan, args.trl_modes, out, niceness))
+        extra = tuple(COLOCATED) if args.colocate else ()
+        ratios[size] = report(size, bench_size(size, plan, args.trl_modes, out, niceness, extra))
     print(f"wall time {time.perf_counter() - started:.0f} s; runs and TRL logs in {out}")
     fields = " ".join(f"{size}_ratio={ratio:.2f}" for size, ratio in ratios.items())
     print(f"peer_trl: {fields} ratio={min(ratios.values()):.2f}")

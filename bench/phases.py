@@ -3,6 +3,7 @@
     python bench/phases.py                            # both sizes of bench/peer_trl.py
     python bench/phases.py --compare-async            # and the same run with train.async=true
     python bench/phases.py --sizes toy --steps 10     # a quick look
+    python bench/phases.py --compare-colocate         # and engines inside the learner (rollout.colocate)
 
 At each size (bench/peer_trl.py's: the toy, about 4-token completions; the 20M `bench` model,
 128-token completions; 64 prompts per step; selfdistill's side of that comparison, i.e. a student
@@ -24,11 +25,18 @@ engine, one ZeRO-2 learner and the full-vocabulary teacher on the learner):
    every phase all the cores (the CPU default, `cpu_threads: null`): on a CPU whose phases are all
    compute-bound the overlap then has nothing idle to fill.
 
+4. With `--compare-colocate`, `rollout.colocate=true` (the learner rank samples with the module it
+   trains, transformers backend) against separate engines of the same backend (`rollout.backend=
+   transformers`, the toy size's default), both with all the cores per phase: completion tokens
+   trained per second and the weight sync's seconds per step (object store and in-place reload
+   against a version stamp).
+
 Last lines (the `bench` size's, whose 128-token completions are closer to a real model's; each
 size's own numbers are printed above them):
 
     phases: step_s=… sum_of_phases_s=… overhead_ratio=…
     async: sync_tps=… async_tps=… ratio=…
+    colocate: separate_tps=… colocated_tps=… ratio=… separate_sync_s=… colocated_sync_s=…
 """
 
 import argparse
@@ -75,6 +83,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="steps measured (default: 20 toy, 2 bench)")
     parser.add_argument("--warmup", type=int, default=None, help="steps run first and not counted (default: 2 toy, 1 bench)")
     parser.add_argument("--compare-async", action="store_true")
+    parser.add_argument("--compare-colocate", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "runs" / "phases"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -102,6 +111,17 @@ def main():
                   f"tokens/s (generation waited {asynchronous['generate']:.3f}s a step): ratio "
                   f"{asynchronous['tps'] / split_sync['tps']:.3f}; against sync with all cores per phase: "
                   f"{asynchronous['tps'] / sync['tps']:.3f}", flush=True)
+        if args.compare_colocate:
+            same_backend = ["rollout.backend=transformers"]
+            separate = sync if SIZES[size].backend == "transformers" else \
+                run(config(size, f"{size}-separate", out, warmup + steps, *same_backend), warmup)
+            colocated = run(config(size, f"{size}-colocated", out, warmup + steps, *same_backend,
+                                   "rollout.colocate=true"), warmup)
+            sync["colocate"] = (separate, colocated)
+            print(f"[{size}] transformers engines, separate: step {separate['step']:.3f}s sync {separate['sync']:.4f}s "
+                  f"{separate['tps']:.0f} tokens/s; colocated: step {colocated['step']:.3f}s sync "
+                  f"{colocated['sync']:.4f}s {colocated['tps']:.0f} tokens/s: ratio "
+                  f"{colocated['tps'] / separate['tps']:.3f}", flush=True)
         results[size] = sync
     print(f"wall time {time.perf_counter() - started:.0f} s; runs in {out}")
     last = results[args.sizes[-1]]
@@ -110,6 +130,12 @@ def main():
     if args.compare_async:
         print(f"async: sync_tps={last['split_tps']:.1f} async_tps={last['async_tps']:.1f} "
               f"ratio={last['async_tps'] / last['split_tps']:.3f}")
+    if args.compare_colocate:
+        for size in args.sizes:
+            separate, colocated = results[size]["colocate"]
+            print(f"colocate: size={size} separate_tps={separate['tps']:.1f} colocated_tps={colocated['tps']:.1f} "
+                  f"ratio={colocated['tps'] / separate['tps']:.3f} separate_sync_s={separate['sync']:.4f} "
+                  f"colocated_sync_s={colocated['sync']:.4f}")
 
 
 if __name__ == "__main__":
