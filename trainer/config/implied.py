@@ -44,9 +44,9 @@ def colocated(cfg: Config) -> bool:
 
 
 def needs_teacher_engine(cfg: Config) -> bool:
-    """A separate engine (colocated: in each learner rank) holds the student's own teacher weights (`teacher.weights`, shared by every
-    teacher without a `model`) when the engine scores them and they are not live, unless the student
-    engines can serve them as an adapter (or no adapter: the base)."""
+    """A separate engine (colocated: one in each learner rank) holds the student's own teacher weights
+    (`teacher.weights`, shared by every teacher without a `model`) when the engine scores them and
+    they are not live, unless the student engines can serve them as an adapter (or no adapter: the base)."""
     return (cfg.teacher.weights in ("initial", "ema") and not adapter_sync(cfg)
             and own_teacher_scored_on_engines(cfg))
 
