@@ -4,14 +4,25 @@ on a fixed batch of synthetic rollouts, with the teacher on the learner (full vo
     python bench/learner_step.py --model .cache/toyworld/model --zero 2
     python bench/learner_step.py --random 0.5b --dtype bfloat16 --zero 3 --completion 512
 
+    python bench/learner_step.py --compare-checkpointing                  # 20M, 1,024-token completions
+
 It prints, as measured: the loss of each step (on a fixed batch it must fall), seconds per step,
-completion tokens per second, peak accelerator memory, and two checks: the exported weights cover
-every parameter, and the EMA teacher moved by exactly α toward the student.
+completion tokens per second, peak memory (the accelerator's; on CPU how far the process's resident
+memory rose above its level before the first step), and two checks: the exported weights cover every
+parameter, and the EMA teacher moved by exactly α toward the student.
+
+`--compare-checkpointing` runs the same measurement twice, each in a process of its own (a process's
+peak resident memory never falls), without and with `learner.gradient_checkpointing`, and prints
+
+    checkpointing: completion=… peak_off_gib=… peak_on_gib=… memory_ratio=… s_per_step_off=… s_per_step_on=… time_ratio=…
 """
 
 import argparse
 import json
+import re
+import resource
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +39,37 @@ from trainer.learner.learner import Learner  # noqa: E402
 RANDOM_SIZES = {  # Qwen2 shapes with Qwen's 151,936-token vocabulary, randomly initialized
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151_936, tie_word_embeddings=True),
+    # the toy world's bench size with a real tokenizer's vocabulary (SentencePiece, 32k): small enough
+    # for 1,024-token completions on a CPU
+    "20m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                intermediate_size=1664, vocab_size=32_000, tie_word_embeddings=True),
 }
+COMPARE_CHECKPOINTING = ["--random", "20m", "--sequences", "4", "--micro-batch", "2", "--prompt", "64",
+                         "--completion", "1024", "--steps", "3"]
+
+
+def resident_gib() -> float:
+    """This process's resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+
+def peak_resident_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def compare_checkpointing() -> None:
+    """The measurement without and with gradient checkpointing, each in a fresh process."""
+    results = {}
+    for flag in ("off", "on"):
+        command = [sys.executable, __file__, *COMPARE_CHECKPOINTING] + (["--checkpointing"] if flag == "on" else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        line = next(row for row in output.splitlines() if row.startswith("learner_step:"))
+        print(line.replace("learner_step:", f"checkpointing {flag}:"), flush=True)
+        results[flag] = {k: float(v) for k, v in re.findall(r"(s_per_step|peak_gib)=([0-9.]+)", line)}
+    off, on = results["off"], results["on"]
+    print(f"checkpointing: completion=1024 peak_off_gib={off['peak_gib']:.2f} peak_on_gib={on['peak_gib']:.2f} "
+          f"memory_ratio={on['peak_gib'] / off['peak_gib']:.2f} s_per_step_off={off['s_per_step']:.2f} "
+          f"s_per_step_on={on['s_per_step']:.2f} time_ratio={on['s_per_step'] / off['s_per_step']:.2f}")
 
 
 def random_model(size: str, dtype: str) -> str:
@@ -65,7 +106,12 @@ def main():
     parser.add_argument("--completion", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true", help="learner.gradient_checkpointing=true")
+    parser.add_argument("--compare-checkpointing", action="store_true",
+                        help="peak memory and step time without and with gradient checkpointing (see above)")
     args = parser.parse_args()
+    if args.compare_checkpointing:
+        return compare_checkpointing()
     model = args.model or random_model(args.random, args.dtype)
     with socket.socket() as s:
         s.bind(("", 0))
@@ -74,7 +120,7 @@ def main():
         f"model.path={model}", f"model.dtype={args.dtype}", f"learner.zero_stage={args.zero}",
         "teacher.scorer=learner", "teacher.weights=ema", "teacher.ema_alpha=0.5", f"loss.estimator={args.estimator}",
         f"train.prompts_per_step={args.sequences}", f"learner.micro_batch={args.micro_batch}", "learner.lr=1e-4",
-        "data.train=unused.jsonl"])
+        "data.train=unused.jsonl", f"learner.gradient_checkpointing={str(args.checkpointing).lower()}"])
     learner = Learner(config_to_dict(cfg), 0, 1, "127.0.0.1", port)
     vocab = learner.engine.module.config.vocab_size
     rollouts, teacher_prompts = synthetic_batch(vocab, args.sequences, args.prompt, args.completion)
@@ -82,7 +128,9 @@ def main():
     cuda = torch.cuda.is_available()
     print(f"device={'cuda:' + torch.cuda.get_device_name(0) if cuda else 'cpu'} zero={args.zero} dtype={args.dtype} "
           f"estimator={args.estimator} params={sum(p.numel() for p in learner.teacher.parameters()) / 1e6:.1f}M "
-          f"sequences={args.sequences} prompt={args.prompt} completion={args.completion}")
+          f"sequences={args.sequences} prompt={args.prompt} completion={args.completion} "
+          f"checkpointing={args.checkpointing}")
+    resident_before = resident_gib()
 
     teacher_before = learner.export_weights("teacher")
     losses, seconds = [], []
@@ -103,7 +151,7 @@ def main():
                             for k in student)
             missing = set(dict(learner.engine.module.named_parameters())) - set(student)
     steady = seconds[1:] or seconds
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_resident_gib() - resident_before
     print(f"learner_step: s_per_step={sum(steady) / len(steady):.4f} tokens_per_s={tokens * len(steady) / sum(steady):.1f} "
           f"loss_first={losses[0]:.5f} loss_last={losses[-1]:.5f} falls={losses[-1] < losses[0]} "
           f"peak_gib={peak:.2f} export_missing={len(missing)} ema_max_error={ema_error:.2e}")

@@ -33,6 +33,18 @@ def make_learner(toy_world, *overrides) -> Learner:
     return Learner(config_to_dict(cfg), 0, 1, "127.0.0.1", _port())
 
 
+def toy_learner(learner: Learner | None, toy_world, *overrides) -> Learner:
+    """An in-process learner on configs/toy.yaml with the teacher on the learner, 8 sequences a step
+    in micro-batches of 4, no warm-up, and `overrides`: `learner` reconfigured, or a new one."""
+    cfg = config_to_dict(load_config(ROOT / "configs" / "toy.yaml", [
+        f"model.path={toy_world / 'model'}", "data.train=unused.jsonl", "train.prompts_per_step=8",
+        "learner.micro_batch=4", "learner.warmup_steps=0", "teacher.scorer=learner", *overrides]))
+    if learner is None:
+        return Learner(cfg, 0, 1, "127.0.0.1", _port())
+    learner.configure(cfg)
+    return learner
+
+
 def batch(toy_world, count=8):
     """Real toy prompts with fixed 'completions' (the answers), and the teacher prompts."""
     from transformers import AutoTokenizer

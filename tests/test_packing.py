@@ -10,11 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT
 from core.errors import ConfigError
-from test_lora_learner import _port, batch
+from test_lora_learner import batch, toy_learner
 from trainer.config import config_to_dict, load_config
 from trainer.learner import adapters
 from trainer.learner.forward import WithKwargs, completion_logits
-from trainer.learner.learner import Learner
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +74,7 @@ def test_packed_learner_steps_give_the_padded_losses_and_gradients(toy_world):
     for name, overrides in CASES.items():
         steps = {}
         for packing in (False, True):
-            cfg = load_config(ROOT / "configs" / "toy.yaml", [
-                f"model.path={toy_world / 'model'}", "data.train=unused.jsonl", "train.prompts_per_step=8",
-                "learner.micro_batch=4", "learner.warmup_steps=0", "teacher.scorer=learner",
-                f"learner.packing={str(packing).lower()}", *overrides])
-            if learner is None:
-                learner = Learner(config_to_dict(cfg), 0, 1, "127.0.0.1", _port())
-            else:
-                learner.configure(config_to_dict(cfg))
+            learner = toy_learner(learner, toy_world, f"learner.packing={str(packing).lower()}", *overrides)
             steps[packing] = learner.train_step(rollouts, teacher_prompts, None, tokens)
         padded, packed = steps[False], steps[True]
         compared = [k for k in padded if k.endswith("loss") or k == "learner/grad_norm"]

@@ -230,6 +230,8 @@ class LearnerConfig:
     """Sequences per forward/backward on one learner; larger batches accumulate gradients."""
     packing: bool = False
     """Padding-free forwards: a micro-batch's sequences back to back in one row, position ids restarting per sequence, so no padding is computed (same losses and gradients as padded, to float rounding)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers' gradient checkpointing, non-reentrant): less memory for long sequences, about one more forward of compute; the same losses and gradients."""
     cpu_threads: Positive | None = None
     """CPU only: torch threads per learner rank; null = its node's cores divided by the actors that compute at the same time: the ranks (a sync step's phases run one after another), or with `train.async` the ranks and all engines."""
 

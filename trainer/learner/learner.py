@@ -74,6 +74,8 @@ class Learner:
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
         model = self._load(AutoModelForCausalLM, dtype)
         self.vocab_size = model.config.vocab_size
+        if cfg.learner.gradient_checkpointing:
+            self._enable_checkpointing(model)
         self.quantized = quantized_student(cfg)
         if self.quantized:  # before DeepSpeed and LoRA: the engine trains the fake-quantized layers
             model = quantization.prepare(model, cfg.model.quantization)
@@ -192,7 +194,7 @@ class Learner:
         if not rollouts:  # an empty micro-batch still joins the collective step, with zero loss
             return sum(p.sum() * 0.0 for p in self.engine.module.parameters()), {}
         batch = objectives.micro_batch(rollouts, self.cfg.loss.mask_first_tokens, self.device)
-        with self._student_dropout():
+        with self._student_dropout(), self._checkpointing():
             student_logits = completion_logits(self.engine, batch.prompts, batch.completions, self.cfg.learner.packing)
         mode = self.cfg.loss.mode
         if mode in ("sft", "ssd"):
@@ -220,6 +222,32 @@ class Learner:
             else:
                 parts.append((rows, objectives.targets_from_scores([scores[i] for i in rows], part, self.vocab_size)))
         return parts[0][1] if len(parts) == 1 else objectives.merge_targets(parts, [len(c) for c in batch.completions])
+
+    def _enable_checkpointing(self, model):
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except ValueError as e:  # transformers' words for a model class without it
+            raise ConfigError(f"learner.gradient_checkpointing: {e}") from e
+
+    @contextlib.contextmanager
+    def _checkpointing(self):
+        """With `learner.gradient_checkpointing`, the student's training forward checkpoints its
+        decoder layers. transformers checkpoints a layer only in training mode, and the learner runs
+        in eval mode (no dropout: see `train_step`), so just the layers' own flag is set, for this
+        forward: everything inside them stays in eval mode, and the backward's recomputation (decided
+        at the forward) replays the same deterministic layer."""
+        if not self.cfg.learner.gradient_checkpointing:
+            yield
+            return
+        # the modules whose flag transformers set (its decoder layers; the base model, in older code)
+        layers = [m for m in self.engine.module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for layer in layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
     def _student_dropout(self):
         """LoRA dropout, when configured, is on in the student's training forward only."""
