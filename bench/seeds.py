@@ -14,6 +14,15 @@ curve, then one line:
 median and min are over the seeds' final held-out accuracies (the first task of `data.eval`);
 worst_dip is the largest fall below step 0's accuracy, over every evaluation of every seed (0 = no
 evaluation ever fell below the start). Runs go to `runs/seeds/<time>/seed-<s>/`.
+
+    python bench/seeds.py --base-seeds --seeds 0 1 2 3        # the toy world's pretraining seed instead
+
+With `--base-seeds` the seed is the toy world's instead (`PretrainSettings.seed`: its splits, its
+pretraining batches and initial weights), and every run keeps `train.seed` as configured: each seed
+builds its own toy world in `.cache/toyworld-seed-<s>/` (seed 0: `.cache/toyworld`; cached; its promises
+are not enforced, its accuracies are printed) and trains on its model and its addition split. This
+is how to judge a change to the toy world or a recipe that must not depend on the exact base: a
+CPU's kernels change the base as a pretraining seed does.
 """
 
 import argparse
@@ -42,11 +51,25 @@ def summarize(curves: list[list[tuple[int, float]]]) -> dict[str, float]:
     return {"median": statistics.median(finals), "min": min(finals), "worst_dip": max(dips)}
 
 
+def base_overrides(seed: int) -> list[str]:
+    """Builds (or reuses) the toy world of pretraining seed `seed`; the overrides that train on it."""
+    from toyworld.base import PretrainSettings
+    from toyworld.prepare import prepare, summary
+    default = seed == PretrainSettings().seed  # the toy world every other command uses
+    world = ROOT / ".cache" / ("toyworld" if default else f"toyworld-seed-{seed}")
+    print(f"base {seed}:", summary(prepare(world, PretrainSettings(seed=seed), promises=False)).replace("\n", "; "),
+          flush=True)
+    data = world / "data" / "addition"
+    return [f"model.path={world / 'model'}", f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'eval.jsonl'}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "runs" / "seeds" / time.strftime("%Y%m%d-%H%M%S")))
+    parser.add_argument("--base-seeds", action="store_true",
+                        help="the seeds are the toy world's pretraining seeds, each base built and trained on once")
     parser.add_argument("overrides", nargs="*", help="config overrides (a.b=value) for every seed's run")
     args = parser.parse_args()
 
@@ -59,7 +82,8 @@ def main() -> None:
     warm, curves = WarmActors(), []
     try:
         for seed in args.seeds:
-            cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", f"name=seed-{seed}",
+            varied = base_overrides(seed) if args.base_seeds else [f"train.seed={seed}"]
+            cfg = load_config(args.config, [*args.overrides, *varied, f"name=seed-{seed}",
                                             f"output_dir={args.out}", "train.save_every=0"])
             started = time.perf_counter()
             train(cfg, warm=warm)
