@@ -67,7 +67,8 @@ def compare_checkpointing() -> None:
         print(line.replace("learner_step:", f"checkpointing {flag}:"), flush=True)
         results[flag] = {k: float(v) for k, v in re.findall(r"(s_per_step|peak_gib)=([0-9.]+)", line)}
     off, on = results["off"], results["on"]
-    print(f"checkpointing: completion=1024 peak_off_gib={off['peak_gib']:.2f} peak_on_gib={on['peak_gib']:.2f} "
+    completion = COMPARE_CHECKPOINTING[COMPARE_CHECKPOINTING.index("--completion") + 1]
+    print(f"checkpointing: completion={completion} peak_off_gib={off['peak_gib']:.2f} peak_on_gib={on['peak_gib']:.2f} "
           f"memory_ratio={on['peak_gib'] / off['peak_gib']:.2f} s_per_step_off={off['s_per_step']:.2f} "
           f"s_per_step_on={on['s_per_step']:.2f} time_ratio={on['s_per_step'] / off['s_per_step']:.2f}")
 

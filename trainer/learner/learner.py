@@ -74,8 +74,7 @@ class Learner:
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.learner.zero_stage == 3 else None
         model = self._load(AutoModelForCausalLM, dtype)
         self.vocab_size = model.config.vocab_size
-        if cfg.learner.gradient_checkpointing:
-            self._enable_checkpointing(model)
+        self.checkpointed = self._enable_checkpointing(model) if cfg.learner.gradient_checkpointing else []
         self.quantized = quantized_student(cfg)
         if self.quantized:  # before DeepSpeed and LoRA: the engine trains the fake-quantized layers
             model = quantization.prepare(model, cfg.model.quantization)
@@ -112,8 +111,8 @@ class Learner:
         """Drops the previous run's models and engine, and its ZeRO-3 marker: transformers reads a
         live `HfDeepSpeedConfig` as "partition every model built from now on"."""
         import gc
-        for name in ("colocated_engines", "engine", "optimizer", "scheduler", "teacher", "external_teachers", "_ema_master",
-                     "_hf_ds_config"):
+        for name in ("colocated_engines", "engine", "optimizer", "scheduler", "teacher", "external_teachers",
+                     "checkpointed", "_ema_master", "_hf_ds_config"):
             self.__dict__.pop(name, None)
         gc.collect()
 
@@ -223,11 +222,15 @@ class Learner:
                 parts.append((rows, objectives.targets_from_scores([scores[i] for i in rows], part, self.vocab_size)))
         return parts[0][1] if len(parts) == 1 else objectives.merge_targets(parts, [len(c) for c in batch.completions])
 
-    def _enable_checkpointing(self, model):
+    @staticmethod
+    def _enable_checkpointing(model) -> list:
+        """Turns on transformers' checkpointing; returns the modules whose flag it set (its decoder
+        layers; the base model, in older code): `_checkpointing` raises their training flag."""
         try:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         except ValueError as e:  # transformers' words for a model class without it
             raise ConfigError(f"learner.gradient_checkpointing: {e}") from e
+        return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
     @contextlib.contextmanager
     def _checkpointing(self):
@@ -236,17 +239,12 @@ class Learner:
         in eval mode (no dropout: see `train_step`), so just the layers' own flag is set, for this
         forward: everything inside them stays in eval mode, and the backward's recomputation (decided
         at the forward) replays the same deterministic layer."""
-        if not self.cfg.learner.gradient_checkpointing:
-            yield
-            return
-        # the modules whose flag transformers set (its decoder layers; the base model, in older code)
-        layers = [m for m in self.engine.module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        for layer in layers:
+        for layer in self.checkpointed:
             layer.training = True
         try:
             yield
         finally:
-            for layer in layers:
+            for layer in self.checkpointed:
                 layer.training = False
 
     def _student_dropout(self):
