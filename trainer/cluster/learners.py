@@ -12,6 +12,7 @@ from rollout.pool import all_answer, shards
 from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
 from trainer.config import Config, config_to_dict
 from trainer.config.implied import quantized_student
+from trainer.learner import batching
 from trainer.learner.learner import Learner
 from trainer.learner.metrics import merge_rank_metrics
 
@@ -40,6 +41,7 @@ class LearnerGroup:
         config = config_to_dict(cfg)
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
         self.quantized = quantized_student(cfg)
+        self.max_tokens_per_micro_batch = cfg.learner.max_tokens_per_micro_batch
         self.cpu_threads = 1 if gpu else group_cpu_threads(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
         self.actors = [ray.remote(Learner).options(**actor_options(gpu, group, rank)).remote(
                            config, rank, cfg.learner.num, address, port, self.cpu_threads)
@@ -56,6 +58,7 @@ class LearnerGroup:
         (`trainer.cluster.warm`); the actors, their process group and their threads stay."""
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
         self.quantized = quantized_student(cfg)
+        self.max_tokens_per_micro_batch = cfg.learner.max_tokens_per_micro_batch
         config = config_to_dict(cfg)
         self._get([actor.configure.remote(config) for actor in self.actors], "configure")
 
@@ -64,13 +67,26 @@ class LearnerGroup:
         return all_answer([actor.ready.remote() for actor in self.actors], timeout_s)
 
     def train_step(self, rollouts, teacher_prompts, scores, total_tokens: int) -> dict[str, float]:
-        parts = shards(len(rollouts), len(self.actors))
-        refs = [actor.train_step.remote(rollouts[p], teacher_prompts[p], scores[p] if scores is not None else None,
-                                        total_tokens) for actor, p in zip(self.actors, parts)]
+        parts = self._rank_parts(rollouts)
+        refs = [actor.train_step.remote([rollouts[i] for i in part], [teacher_prompts[i] for i in part],
+                                        [scores[i] for i in part] if scores is not None else None, total_tokens)
+                for actor, part in zip(self.actors, parts)]
         per_rank = self._get(refs, "train_step")
         if len({m["learner/skipped"] for m in per_rank}) != 1:  # DeepSpeed decides on the global norm
             raise RuntimeError(f"learner ranks disagree on skipping the step: {[m['learner/skipped'] for m in per_rank]}")
-        return merge_rank_metrics(per_rank)
+        loads = [sum(len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in part) for part in parts]
+        return merge_rank_metrics(per_rank) | {"learner/rank_token_imbalance": max(loads) * len(loads) / max(sum(loads), 1)}
+
+    def _rank_parts(self, rollouts) -> list[list[int]]:
+        """Each rank's rows of the batch: contiguous near-equal counts, or with a token budget
+        near-equal token totals (`trainer.learner.batching`)."""
+        if self.max_tokens_per_micro_batch is None:
+            return [list(range(len(rollouts)))[part] for part in shards(len(rollouts), len(self.actors))]
+        if len(rollouts) < len(self.actors):
+            raise ValueError(f"{len(rollouts)} sequences can't be shared by {len(self.actors)} learner ranks with "
+                             "learner.max_tokens_per_micro_batch: every rank needs one")
+        lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+        return batching.balanced_rank_parts(lengths, len(self.actors))
 
     def export(self, which: str = "student") -> "ray.ObjectRef":
         """An object-store reference to rank 0's full weights (all ranks join, for ZeRO-3)."""

@@ -228,6 +228,8 @@ class LearnerConfig:
     """Clip the gradient norm to this value; null = off."""
     micro_batch: Positive = 8
     """Sequences per forward/backward on one learner; larger batches accumulate gradients."""
+    max_tokens_per_micro_batch: Positive | None = None
+    """Group sequences by tokens instead of `micro_batch`: each forward computes at most this many (packed: the sequences' prompt + completion tokens; padded: rows × the longest), and the batch is split across ranks by tokens; null = by count. Must hold the longest prompt plus `rollout.max_tokens`."""
     packing: bool = False
     """Padding-free forwards: a micro-batch's sequences back to back in one row, position ids restarting per sequence, so no padding is computed (same losses and gradients as padded, to float rounding)."""
     gradient_checkpointing: bool = False

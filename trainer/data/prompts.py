@@ -28,10 +28,12 @@ def encode_prompts(examples: list[Example], tokenizer, template: str | Callable[
 
 
 def drop_overlong(examples: list[Example], encoded: EncodedPrompts, max_model_len: int, max_tokens: int,
-                  on_invalid: str, report: DataReport) -> list[Example]:
+                  on_invalid: str, report: DataReport, micro_batch_tokens: int | None = None) -> list[Example]:
     """Keeps the examples whose student and teacher prompts leave room for `max_tokens` completion
-    tokens within `max_model_len`. Any other is a DataError naming its file, line and field, or, with
-    on_invalid='skip', is counted in `report`. (vLLM would refuse such a prompt in the middle of a step.)"""
+    tokens within `max_model_len`, and whose student sequence fits `micro_batch_tokens` (the
+    learner's token budget, for the training set). Any other is a DataError naming its file, line
+    and field, or, with on_invalid='skip', is counted in `report`. (vLLM would refuse such a prompt,
+    and the learner such a sequence, in the middle of a step.)"""
     budget = max_model_len - max_tokens
     kept = []
     for e in examples:
@@ -41,6 +43,9 @@ def drop_overlong(examples: list[Example], encoded: EncodedPrompts, max_model_le
                 problem = (f"field '{field}': the {who} prompt is {len(ids[e.id])} tokens; with rollout.max_tokens="
                            f"{max_tokens} it does not fit model.max_model_len={max_model_len}")
                 break
+        if problem is None and micro_batch_tokens is not None and len(encoded.student[e.id]) + max_tokens > micro_batch_tokens:
+            problem = (f"field 'prompt': the student prompt is {len(encoded.student[e.id])} tokens; with rollout.max_tokens="
+                       f"{max_tokens} it does not fit learner.max_tokens_per_micro_batch={micro_batch_tokens}")
         if problem is None:
             kept.append(e)
         elif on_invalid == "error":

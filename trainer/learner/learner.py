@@ -26,7 +26,7 @@ from rollout.hf_engine import TransformersEngine
 from trainer.config import config_from_dict
 from trainer.config.implied import (colocated, external_models, needs_teacher_engine, own_teacher_on_learners,
                                     quantized_student, task_teacher)
-from trainer.learner import adapters, objectives, quantization
+from trainer.learner import adapters, batching, objectives, quantization
 from trainer.learner.forward import WithKwargs, aligned_vocabulary, completion_logits
 from trainer.learner.metrics import token_means
 from trainer.learner.optim import DTYPES, deepspeed_config, lr_lambda, micro_steps
@@ -151,29 +151,28 @@ class Learner:
                    scores: list[TeacherScores] | None, total_tokens: int) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch. `total_tokens` counts the loss
         tokens of the whole batch over all ranks, so the gradient is the global per-token mean."""
-        mb = self.cfg.learner.micro_batch
-        steps = micro_steps(self.cfg)
-        assert len(rollouts) <= steps * mb, (len(rollouts), steps, mb)
+        plan = self._micro_batch_plan(rollouts)
         sums: dict[str, float] = {}
         # Dropout stays off: the engines sample without it, the health gap compares against them, and
         # a live teacher shares these weights and must score deterministically.
         self.engine.eval()
         skipped_before = self.engine.skipped_steps
-        for start in range(0, steps * mb, mb):
-            chunk = slice(start, start + mb)
-            if start >= len(rollouts):
-                chunk = slice(0, 0)
-            loss, stats = self._micro_step(rollouts[chunk], teacher_prompts[chunk],
-                                           scores[chunk] if scores is not None else None)
+        for i, (rows, weight) in enumerate(plan):
+            loss, stats = self._micro_step([rollouts[r] for r in rows], [teacher_prompts[r] for r in rows],
+                                           [scores[r] for r in rows] if scores is not None else None)
+            if weight == 0.0:  # a stand-in: every forward and backward of a real one, no gradient, no statistics
+                loss, stats = loss * 0.0, {}
             if not torch.isfinite(loss):
                 # DeepSpeed skips an optimizer step whose global gradient norm is not finite, on every
                 # rank alike (the norm is all-reduced), leaving weights, optimizer state and the lr
                 # schedule untouched. A non-finite loss can still have finite gradients (an Inf term
                 # whose gradient is 0); scaling by NaN makes them NaN, so the step is skipped too.
                 loss = loss * float("nan")
-            # DeepSpeed divides by the accumulation steps and averages over ranks; undo both so that
-            # the summed gradient is Σ token losses / total_tokens.
-            self.engine.backward(loss * steps * self.world_size / max(total_tokens, 1))
+            # The plan's length, not DeepSpeed's micro-step counter, says which backward ends the
+            # step (a token budget gives a varying count). DeepSpeed averages over ranks: undo it, so
+            # that the summed gradient is Σ token losses / total_tokens.
+            self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            self.engine.backward(loss * self.world_size / max(total_tokens, 1), scale_wrt_gas=False)
             self.engine.step()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -185,7 +184,28 @@ class Learner:
         metrics["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["learner/lr"] = self.scheduler.get_last_lr()[0]
         metrics["learner/skipped"] = float(skipped)
+        metrics["learner/micro_batches"] = float(len(plan))
         return metrics
+
+    def _micro_batch_plan(self, rollouts: list[Rollout]) -> list[tuple[list[int], float]]:
+        """This rank's micro-batches: (rows of `rollouts`, weight). By count every rank has the same
+        number. By token budget the counts differ, but every rank must run as many forwards and
+        backwards (ZeRO reduces gradients in each backward; ZeRO-3 gathers weights in each forward,
+        the student's and a teacher's on these weights): a rank with fewer repeats its shortest
+        sequence at weight 0 until the counts match."""
+        learner = self.cfg.learner
+        if learner.max_tokens_per_micro_batch is None:
+            steps = micro_steps(self.cfg)
+            assert len(rollouts) <= steps * learner.micro_batch, (len(rollouts), steps, learner.micro_batch)
+            return [(rows, 1.0) for rows in batching.count_micro_batches(len(rollouts), learner.micro_batch, steps)]
+        lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+        plan = [(rows, 1.0) for rows in batching.budget_micro_batches(lengths, learner.max_tokens_per_micro_batch,
+                                                                      learner.packing)]
+        count = torch.tensor([len(plan)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        stand_in = ([min(range(len(lengths)), key=lengths.__getitem__)], 0.0)
+        return plan + [stand_in] * (int(count) - len(plan))
 
     def _micro_step(self, rollouts, teacher_prompts, scores) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum of per-token losses over a micro-batch, and token-summed statistics for logging: the

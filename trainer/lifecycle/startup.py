@@ -64,7 +64,7 @@ def load_inputs(cfg: Config) -> Inputs:
     encoded_eval = encode_prompts(eval_set, tokenizer, template)
     max_model_len = cfg.model.max_model_len or AutoConfig.from_pretrained(cfg.model.path).max_position_embeddings
     train_set = drop_overlong(train_set, encoded_train, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
-                              train_report)
+                              train_report, cfg.learner.max_tokens_per_micro_batch)
     if eval_set:
         eval_set = drop_overlong(eval_set, encoded_eval, max_model_len, cfg.rollout.max_tokens, cfg.data.on_invalid,
                                  eval_report)
