@@ -5,6 +5,7 @@ on a fixed batch of synthetic rollouts, with the teacher on the learner (full vo
     python bench/learner_step.py --random 0.5b --dtype bfloat16 --zero 3 --completion 512
 
     python bench/learner_step.py --compare-checkpointing                  # 20M, 1,024-token completions
+    python bench/learner_step.py --compare-packing                        # the real shape, packed vs padded
 
 It prints, as measured: the loss of each step (on a fixed batch it must fall), seconds per step,
 completion tokens per second, peak memory (the accelerator's; on CPU how far the process's resident
@@ -15,6 +16,17 @@ parameter, and the EMA teacher moved by exactly α toward the student.
 peak resident memory never falls), without and with `learner.gradient_checkpointing`, and prints
 
     checkpointing: completion=… peak_off_gib=… peak_on_gib=… memory_ratio=… s_per_step_off=… s_per_step_on=… time_ratio=…
+
+`--compare-packing` runs the real shape (`selfdistill toy realshape`: the 37M Llama with a 32k
+vocabulary; the prompt and completion lengths the model itself sampled, kept in its lengths.json,
+the same on both sides) padded and packed (`learner.packing`), with the same micro-batches of 4
+sequences, each side in a process of its own, alternating over `--rounds` rounds, and prints the
+lengths' histogram, then
+
+    packing: sequences=… padding_share=… padded_tps=… packed_tps=… ratio=… padded_peak_gib=… packed_peak_gib=…
+
+tps = completion tokens trained per second (medians over the rounds); padding_share = the share of
+the padded micro-batches' tokens that are padding.
 """
 
 import argparse
@@ -73,6 +85,39 @@ def compare_checkpointing() -> None:
           f"s_per_step_on={on['s_per_step']:.2f} time_ratio={on['s_per_step'] / off['s_per_step']:.2f}")
 
 
+COMPARE_PACKING = ["--sequences", "16", "--micro-batch", "4", "--steps", "3"]
+REALSHAPE = Path(__file__).resolve().parents[1] / ".cache" / "realshape"
+
+
+def compare_packing(rounds: int) -> None:
+    """The real shape padded and packed, each run in a fresh process, alternating for `rounds` rounds."""
+    import statistics
+
+    from toyworld.realshape import RealShapeSettings, build, length_histogram
+    build(REALSHAPE, RealShapeSettings(size="bench"))
+    lengths = json.loads((REALSHAPE / "lengths.json").read_text())
+    count = int(COMPARE_PACKING[COMPARE_PACKING.index("--sequences") + 1])
+    micro = int(COMPARE_PACKING[COMPARE_PACKING.index("--micro-batch") + 1])
+    print(length_histogram(lengths["completion"][:count]), flush=True)
+    totals = [p + c for p, c in zip(lengths["prompt"][:count], lengths["completion"][:count], strict=True)]
+    groups = [totals[i:i + micro] for i in range(0, count, micro)]
+    padding_share = 1 - sum(totals) / sum(len(g) * max(g) for g in groups)
+    results = {"padded": [], "packed": []}
+    for r in range(rounds):
+        for side in (("padded", "packed") if r % 2 == 0 else ("packed", "padded")):
+            command = [sys.executable, __file__, "--model", str(REALSHAPE / "model"), "--lengths",
+                       str(REALSHAPE / "lengths.json"), *COMPARE_PACKING] + (["--packing"] if side == "packed" else [])
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            line = next(row for row in output.splitlines() if row.startswith("learner_step:"))
+            print(f"round {r + 1} {side}: {line.removeprefix('learner_step: ')}", flush=True)
+            results[side].append({k: float(v) for k, v in re.findall(r"(tokens_per_s|peak_gib)=([0-9.]+)", line)})
+    median = {side: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for side, runs in results.items()}
+    padded, packed = median["padded"], median["packed"]
+    print(f"packing: sequences={count} padding_share={padding_share:.2f} padded_tps={padded['tokens_per_s']:.1f} "
+          f"packed_tps={packed['tokens_per_s']:.1f} ratio={packed['tokens_per_s'] / padded['tokens_per_s']:.2f} "
+          f"padded_peak_gib={padded['peak_gib']:.2f} packed_peak_gib={packed['peak_gib']:.2f}")
+
+
 def random_model(size: str, dtype: str) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     directory = Path(tempfile.gettempdir()) / f"selfdistill-random-qwen2-{size}-{dtype}"
@@ -85,10 +130,11 @@ def random_model(size: str, dtype: str) -> str:
     return str(directory)
 
 
-def synthetic_batch(vocab: int, sequences: int, prompt: int, completion: int, seed: int = 0):
+def synthetic_batch(vocab: int, prompts: list[int], completions: list[int], seed: int = 0):
+    """Random token ids at the given prompt and completion lengths, one sequence per pair."""
     g = torch.Generator().manual_seed(seed)
     rollouts, teacher_prompts = [], []
-    for i in range(sequences):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         ids = torch.randint(3, vocab, (prompt + completion,), generator=g).tolist()
         rollouts.append(Rollout(str(i), ids[:prompt], ids[prompt:], [0.0] * completion, 0, "length"))
         teacher_prompts.append(ids[:prompt] + ids[:prompt // 2])  # a longer teacher prompt
@@ -108,11 +154,18 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--checkpointing", action="store_true", help="learner.gradient_checkpointing=true")
+    parser.add_argument("--packing", action="store_true", help="learner.packing=true")
+    parser.add_argument("--lengths", help="a lengths.json (`selfdistill toy realshape`): the first --sequences "
+                                          "prompt and completion lengths, instead of --prompt and --completion")
     parser.add_argument("--compare-checkpointing", action="store_true",
                         help="peak memory and step time without and with gradient checkpointing (see above)")
+    parser.add_argument("--compare-packing", action="store_true", help="the real shape, padded vs packed (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare-packing: rounds of both sides")
     args = parser.parse_args()
     if args.compare_checkpointing:
         return compare_checkpointing()
+    if args.compare_packing:
+        return compare_packing(args.rounds)
     model = args.model or random_model(args.random, args.dtype)
     with socket.socket() as s:
         s.bind(("", 0))
@@ -121,16 +174,22 @@ def main():
         f"model.path={model}", f"model.dtype={args.dtype}", f"learner.zero_stage={args.zero}",
         "teacher.scorer=learner", "teacher.weights=ema", "teacher.ema_alpha=0.5", f"loss.estimator={args.estimator}",
         f"train.prompts_per_step={args.sequences}", f"learner.micro_batch={args.micro_batch}", "learner.lr=1e-4",
-        "data.train=unused.jsonl", f"learner.gradient_checkpointing={str(args.checkpointing).lower()}"])
+        "data.train=unused.jsonl", f"learner.gradient_checkpointing={str(args.checkpointing).lower()}",
+        f"learner.packing={str(args.packing).lower()}"])
     learner = Learner(config_to_dict(cfg), 0, 1, "127.0.0.1", port)
     vocab = learner.engine.module.config.vocab_size
-    rollouts, teacher_prompts = synthetic_batch(vocab, args.sequences, args.prompt, args.completion)
-    tokens = args.sequences * args.completion
+    if args.lengths:
+        lengths = json.loads(Path(args.lengths).read_text())
+        prompts, completions = lengths["prompt"][:args.sequences], lengths["completion"][:args.sequences]
+    else:
+        prompts, completions = [args.prompt] * args.sequences, [args.completion] * args.sequences
+    rollouts, teacher_prompts = synthetic_batch(vocab, prompts, completions)
+    tokens = sum(completions)
     cuda = torch.cuda.is_available()
     print(f"device={'cuda:' + torch.cuda.get_device_name(0) if cuda else 'cpu'} zero={args.zero} dtype={args.dtype} "
           f"estimator={args.estimator} params={sum(p.numel() for p in learner.teacher.parameters()) / 1e6:.1f}M "
-          f"sequences={args.sequences} prompt={args.prompt} completion={args.completion} "
-          f"checkpointing={args.checkpointing}")
+          f"sequences={args.sequences} prompt_mean={sum(prompts) / len(prompts):.0f} "
+          f"completion_mean={tokens / len(completions):.0f} checkpointing={args.checkpointing} packing={args.packing}")
     resident_before = resident_gib()
 
     teacher_before = learner.export_weights("teacher")

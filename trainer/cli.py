@@ -7,6 +7,8 @@
   selfdistill report RUN_DIR [RUN_DIR ...]     plots and sample rollouts of one run, or several overlaid
   selfdistill toy prepare --out DIR            build the toy world (data, tokenizer, base model)
                     [--with-teacher]             and its stronger checkpoint, for teacher.model
+  selfdistill toy realshape --out DIR          a real 32k tokenizer, a random Llama, chat prompts, long
+                    [--size bench|test]          completions of varying length (benchmarks, tests)
 """
 
 import argparse
@@ -101,6 +103,13 @@ def _toy_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_realshape(args: argparse.Namespace) -> int:
+    from toyworld.realshape import RealShapeSettings, build
+    out = build(args.out, RealShapeSettings(size=args.size), force=args.force)
+    print(f"real-shape {args.size} model ready in {out}/model, chat prompts in {out}/data/train.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfdistill", description="On-policy self-distillation for language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train the stronger checkpoint DIR/teacher/model, which answers from the question "
                            "alone, for teacher.model (about 2.5 more minutes on 2 cores, cached likewise)")
     prep.set_defaults(run=_toy_prepare)
+    shape = toy.add_parser("realshape", help="a real tokenizer, a random Llama and chat prompts whose completions "
+                                             "vary in length, for benchmarks (random weights: no learning figures)")
+    shape.add_argument("--out", required=True, help="output directory")
+    shape.add_argument("--size", choices=["bench", "test"], default="bench", help="37M or 9.8M parameters")
+    shape.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build with the same settings")
+    shape.set_defaults(run=_toy_realshape)
     return parser
 
 
