@@ -1,10 +1,10 @@
 """Throughput against TRL's SDFT trainer, side by side: completion tokens trained per second.
 
-    python bench/peer_trl.py                  # both sizes, TRL's hf and vllm modes (about 8 minutes, see below)
+    python bench/peer_trl.py                  # all three sizes, TRL's hf and vllm modes (see Time below)
     python bench/peer_trl.py --sizes toy --toy-rounds 1 --toy-steps 4 --trl-modes hf1   # a quick check
     python bench/peer_trl.py --sizes toy --colocate    # selfdistill with its engine inside the learner
 
-Two sizes, the same base model, data and settings on both sides:
+Three sizes, the same base model, data and settings on both sides:
 
 - toy: the demo's base model (.cache/toyworld/model, 594k parameters, 24-token vocabulary) on the
   addition task (.cache/toyworld/data/addition/train.jsonl); completions end at EOS, 3-4 tokens
@@ -15,8 +15,15 @@ Two sizes, the same base model, data and settings on both sides:
   `rollout.min_tokens=128`, i.e. vLLM `min_tokens`; TRL `generation_kwargs` `min_new_tokens=128`
   with HF generate, `min_tokens=128` with vLLM) and the longest completion is 128. Left alone, the
   untrained model would stop at EOS after about 24 tokens (1 chance in 24 per position).
+- real: the real-shape family (`selfdistill toy realshape`: Mistral's 32k tokenizer, a random 36M
+  Llama, chat prompts; .cache/realshape), 16 prompts a step. Completions end where the model
+  samples EOS (about geometric: mean ~170, p90 ~440 tokens), up to 1,024, on both sides: lengths
+  vary tenfold within a batch. The teacher prompt is `{context}\n\n{prompt}` in the user's message
+  (TRL composes chat prompts the same way). selfdistill runs as a user at this shape would
+  (`learner.packing=true`, `learner.max_tokens_per_micro_batch=2048`); TRL pads each batch of 16 to
+  its longest sequence, as it does.
 
-Shared settings: 64 prompts per step, one completion each (TRL `num_generations=1`); temperature
+Shared settings: 64 prompts per step (real: 16), one completion each (TRL `num_generations=1`); temperature
 1, no top-k / top-p; reverse KL = KL(student‖teacher) over the full vocabulary (selfdistill
 `loss.estimator=full`, TRL `distillation_mode=full_logits, distillation_alpha=1`), a per-token mean,
 no importance-weight clip (`loss.is_cap=null`, `distillation_is_clip=None`), no token masked;
@@ -24,7 +31,7 @@ teacher = the frozen initial model shown `{context}\n{prompt}` (selfdistill `tea
 TRL `teacher_model_kind=base`, `teacher_prompt_template="{privileged_context}\n{prompt}"`); AdamW lr
 1e-3 after 50 linear warm-up steps, constant, no weight decay, gradient norm clipped to 1; float32
 training; one optimizer step per batch of 64 (selfdistill `learner.micro_batch=64`, TRL
-`per_device_train_batch_size=64`, no gradient accumulation). The prompts are drawn in different
+`per_device_train_batch_size=64`, real: 16, no gradient accumulation). The prompts are drawn in different
 orders (TRL's sampler, ours), so toy completion lengths differ a little; tokens/s allows for that.
 
 selfdistill runs in this process through `trainer.loop.train` (configs/toy.yaml plus the overrides
@@ -64,7 +71,7 @@ sides (selfdistill first in odd rounds, last in even ones); a size's figure is t
 rounds of Σ tokens / Σ seconds. selfdistill's per-step phase times (generate, score, train, sync)
 are printed too. The last line is
 
-    peer_trl: toy_ratio=… bench_ratio=… ratio=…
+    peer_trl: toy_ratio=… bench_ratio=… real_ratio=… ratio=…
 
 each ratio = selfdistill tokens/s ÷ TRL's (fastest mode that ran) tokens/s, and ratio the smaller
 one; a size at which no TRL mode ran has no field.
@@ -103,24 +110,41 @@ TRL_MODES = {  # name -> the subprocess's extra environment
 }
 
 
+REALSHAPE = ROOT / ".cache" / "realshape"
+TOY_DATA = TOY / "data" / "addition" / "train.jsonl"
+
+
 @dataclass(frozen=True)
 class Size:
     max_tokens: int
     min_tokens: int
     positions: int  # the bench model's context; prompt (≤ 40 tokens with the worked solution) + completion
     backend: str  # selfdistill's rollout.backend: vLLM's per-step cost dominates a tiny model's generation
+    prompts: int = PROMPTS_PER_STEP  # per step, one completion each, one optimizer step
+    data: Path = TOY_DATA
+    template: str = "{context}\n{prompt}"  # the teacher prompt, in selfdistill's fields (TRL's are renamed)
+    learner: tuple[str, ...] = ()  # selfdistill's learner settings at this size, beyond the shared ones
 
 
 SIZES = {"toy": Size(max_tokens=8, min_tokens=0, positions=128, backend="transformers"),
-         "bench": Size(max_tokens=128, min_tokens=128, positions=256, backend="vllm")}
-DEFAULT_PLANS = {"toy": (1, 2, 8), "bench": (1, 1, 1)}
+         "bench": Size(max_tokens=128, min_tokens=128, positions=256, backend="vllm"),
+         # the real-shape family: its completions end at EOS (mean ~170 tokens, up to 1,024); selfdistill
+         # packs them into token-budget micro-batches, TRL pads each batch to its longest
+         "real": Size(max_tokens=1024, min_tokens=0, positions=4096, backend="vllm", prompts=16,
+                      data=REALSHAPE / "data" / "train.jsonl", template="{context}\n\n{prompt}",
+                      learner=("learner.packing=true", "learner.max_tokens_per_micro_batch=2048"))}
+DEFAULT_PLANS = {"toy": (1, 2, 8), "bench": (1, 1, 1), "real": (1, 1, 1)}
 """(rounds, warm-up steps, measured steps) per size. A bench-size step is about 30 s here (TRL vllm 80 s)."""
 
 
 def model_dir(size: str) -> Path:
-    """The toy world's model, or the `bench` size randomly initialized with room for 128-token completions."""
+    """The toy world's model, the `bench` size randomly initialized with room for 128-token completions,
+    or the real-shape family's bench model (`selfdistill toy realshape`, built here once)."""
     if size == "toy":
         return TOY / "model"
+    if size == "real":
+        from toyworld.realshape import RealShapeSettings, build
+        return build(REALSHAPE, RealShapeSettings(size="bench")) / "model"
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
@@ -151,14 +175,14 @@ def selfdistill_overrides(size: str, name: str, out: Path, total_steps: int) -> 
     """selfdistill's side of the comparison (configs/toy.yaml plus these), also what bench/phases.py times."""
     s = SIZES[size]
     return [f"name={name}", f"output_dir={out}", f"model.path={model_dir(size)}",
-            f"data.train={TOY / 'data' / 'addition' / 'train.jsonl'}", "data.eval=null",
-            f"train.steps={total_steps}", "train.eval_every=0", f"train.prompts_per_step={PROMPTS_PER_STEP}",
+            f"data.train={s.data}", "data.eval=null", f"teacher.template={s.template}",
+            f"train.steps={total_steps}", "train.eval_every=0", f"train.prompts_per_step={s.prompts}",
             "train.save_every=0", "log.samples_every=0", "log.tensorboard=false",
             f"rollout.max_tokens={s.max_tokens}", f"rollout.min_tokens={s.min_tokens}", "rollout.temperature=1.0",
             f"rollout.backend={s.backend}", "teacher.weights=initial", "teacher.scorer=learner", "loss.estimator=full",
             "loss.divergence=reverse_kl", "loss.is_cap=null", "loss.mask_first_tokens=0",
             f"learner.lr={LR}", f"learner.warmup_steps={WARMUP_STEPS}", "learner.schedule=constant",
-            f"learner.micro_batch={PROMPTS_PER_STEP}", "learner.weight_decay=0", "learner.grad_clip=1.0"]
+            f"learner.micro_batch={s.prompts}", "learner.weight_decay=0", "learner.grad_clip=1.0", *s.learner]
 
 
 COLOCATED = ["rollout.colocate=true", "rollout.backend=transformers"]
@@ -203,18 +227,19 @@ def trl_worker(size: str, mode: str, total_steps: int, result: Path):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs:  # logging_steps=1: this step's batch
-                self.tokens.append(logs["completions/mean_length"] * PROMPTS_PER_STEP)
+                self.tokens.append(logs["completions/mean_length"] * s.prompts)
 
     s, vllm = SIZES[size], mode == "vllm"
-    records = [json.loads(line) for line in (TOY / "data" / "addition" / "train.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in s.data.read_text().splitlines()]
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "privileged_context": r["context"]} for r in records])
     long = {("min_tokens" if vllm else "min_new_tokens"): s.min_tokens} if s.min_tokens else None
     args = SDFTConfig(
         output_dir=str(result.parent / f"trl-{size}-{mode}"), max_steps=total_steps, seed=0,
-        per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1, num_generations=1,
+        per_device_train_batch_size=s.prompts, gradient_accumulation_steps=1, num_generations=1,
         max_completion_length=s.max_tokens, temperature=1.0, top_p=1.0, top_k=0, generation_kwargs=long,
         distillation_mode="full_logits", distillation_alpha=1.0, distillation_is_clip=None, num_loss_tokens_to_skip=0,
-        teacher_model_kind="base", teacher_prompt_template="{privileged_context}\n{prompt}",
+        teacher_model_kind="base",
+        teacher_prompt_template=s.template.replace("{context}", "{privileged_context}"),
         learning_rate=LR, warmup_steps=WARMUP_STEPS, lr_scheduler_type="constant_with_warmup", weight_decay=0.0,
         max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, use_cpu=True,
         model_init_kwargs={"dtype": "float32"}, use_vllm=vllm, vllm_mode="colocate",
@@ -322,7 +347,7 @@ def bench_size(size: str, plan: Plan, modes: list[str], out: Path, niceness: int
             runs[side].append(steady(measured))
             s_per_step, tokens_per_s = runs[side][-1]
             print(f"  {size} round {r} {side:<12} {s_per_step:7.3f} s/step {tokens_per_s:9.1f} tokens/s "
-                  f"({sum(t for _, t in measured) / len(measured) / PROMPTS_PER_STEP:.1f} tokens/completion; "
+                  f"({sum(t for _, t in measured) / len(measured) / SIZES[size].prompts:.1f} tokens/completion; "
                   f"torch threads {threads}; run {time.perf_counter() - started:.0f} s with start-up)", flush=True)
     return {"runs": {side: v for side, v in runs.items() if v},
             "phases": {p: statistics.mean(ph[p] for ph in phases) for p in phases[0]}}
@@ -356,7 +381,7 @@ def report(size: str, result: dict, unavailable: dict[str, str]) -> float | None
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["toy", "bench"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["toy", "bench", "real"], choices=list(SIZES))
     for size, (rounds, warmup, steps) in DEFAULT_PLANS.items():
         parser.add_argument(f"--{size}-rounds", type=int, default=rounds,
                             help=f"rounds of selfdistill and TRL, alternating, at the {size} size")
@@ -389,7 +414,7 @@ def main():
     for size in args.sizes:
         model_dir(size)  # built once, before any run's clock starts
         plan = Plan(*(getattr(args, f"{size}_{key}") for key in ("rounds", "warmup", "steps")))
-        print(f"{size}: {plan.rounds} round(s) of {plan.warmup} + {plan.steps} steps of {PROMPTS_PER_STEP} prompts, "
+        print(f"{size}: {plan.rounds} round(s) of {plan.warmup} + {plan.steps} steps of {SIZES[size].prompts} prompts, "
               f"completions ≤ {SIZES[size].max_tokens} tokens", flush=True)
         extra = tuple(COLOCATED) if args.colocate else ()
         ratios[size] = report(size, bench_size(size, plan, args.trl_modes, out, niceness, unavailable, extra),
