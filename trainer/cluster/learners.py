@@ -74,7 +74,7 @@ class LearnerGroup:
         per_rank = self._get(refs, "train_step")
         if len({m["learner/skipped"] for m in per_rank}) != 1:  # DeepSpeed decides on the global norm
             raise RuntimeError(f"learner ranks disagree on skipping the step: {[m['learner/skipped'] for m in per_rank]}")
-        loads = [sum(len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in part) for part in parts]
+        loads = [sum(batching.sequence_length(rollouts[i]) for i in part) for part in parts]
         return merge_rank_metrics(per_rank) | {"learner/rank_token_imbalance": max(loads) * len(loads) / max(sum(loads), 1)}
 
     def _rank_parts(self, rollouts) -> list[list[int]]:
@@ -85,8 +85,7 @@ class LearnerGroup:
         if len(rollouts) < len(self.actors):
             raise ValueError(f"{len(rollouts)} sequences can't be shared by {len(self.actors)} learner ranks with "
                              "learner.max_tokens_per_micro_batch: every rank needs one")
-        lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-        return batching.balanced_rank_parts(lengths, len(self.actors))
+        return batching.balanced_rank_parts([batching.sequence_length(r) for r in rollouts], len(self.actors))
 
     def export(self, which: str = "student") -> "ray.ObjectRef":
         """An object-store reference to rank 0's full weights (all ranks join, for ZeRO-3)."""

@@ -9,6 +9,11 @@ budget keeps every forward near the same size and the ranks near the same load.
 import heapq
 
 
+def sequence_length(rollout) -> int:
+    """The tokens of a rollout's student forward: its prompt and its completion."""
+    return len(rollout.prompt_ids) + len(rollout.completion_ids)
+
+
 def micro_batch_cost(lengths: list[int], packed: bool) -> int:
     """The tokens a forward of these sequences computes: the row back to back (`packed`), or as many
     rows as sequences, each as long as the longest (padded)."""
@@ -35,7 +40,7 @@ def budget_micro_batches(lengths: list[int], budget: int, packed: bool) -> list[
     tokens (`micro_batch_cost`): longest first, each into the first micro-batch it still fits
     (first-fit decreasing), so sequences of like length share a padded micro-batch. A sequence
     longer than the budget is refused here: the startup check names the config key before a run."""
-    over = [lengths[i] for i in range(len(lengths)) if lengths[i] > budget]
+    over = [n for n in lengths if n > budget]
     if over:
         raise ValueError(f"a sequence of {max(over)} tokens exceeds learner.max_tokens_per_micro_batch={budget}")
     groups: list[list[int]] = []

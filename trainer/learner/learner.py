@@ -198,7 +198,7 @@ class Learner:
             steps = micro_steps(self.cfg)
             assert len(rollouts) <= steps * learner.micro_batch, (len(rollouts), steps, learner.micro_batch)
             return [(rows, 1.0) for rows in batching.count_micro_batches(len(rollouts), learner.micro_batch, steps)]
-        lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+        lengths = [batching.sequence_length(r) for r in rollouts]
         plan = [(rows, 1.0) for rows in batching.budget_micro_batches(lengths, learner.max_tokens_per_micro_batch,
                                                                       learner.packing)]
         count = torch.tensor([len(plan)])
