@@ -101,7 +101,11 @@ class RolloutEngine:
         """Teacher scores of `sequences[i][completion_starts[i]:]` given what precedes them, in one
         forward pass (vLLM `prompt_logprobs`), as token ids only: nothing is detokenized."""
         from vllm import SamplingParams, TokensPrompt
-        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
+        # flat_logprobs: vLLM keeps every prompt position's top-k in flat lists instead of a dict of
+        # Logprob objects per position; only the completion's positions are read back (as dicts), and
+        # the teacher prompt before them is most of the sequence: a toy step's 64 score in 0.119 s
+        # instead of 0.157 s (median of 11, same scores).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
                                     lora_request=self._adapters.get(adapter))
         return [_teacher_scores(output.prompt_logprobs, seq, start, topk)

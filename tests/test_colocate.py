@@ -1,7 +1,7 @@
 """Engines inside the learner ranks (`rollout.colocate`): a colocated run trains on exactly what a run
-with separate transformers engines trains on (per-step losses, gradient norms and evaluations to
-1e-6), with the student's own frozen or EMA teacher, on two DeepSpeed ranks in a real Ray cluster;
-and what it can't combine with is refused when the config loads."""
+with separate transformers engines trains on (per-step losses and evaluations to 1e-6, gradient
+norms and logprobs to 1e-5), with the student's own frozen or EMA teacher, on two DeepSpeed ranks in
+a real Ray cluster; and what it can't combine with is refused when the config loads."""
 
 import json
 
@@ -13,6 +13,11 @@ from trainer.loop import train
 from trainer.monitoring.metrics import read_metrics
 
 COMPARED = ("distill/loss", "distill/kl", "learner/grad_norm", "reward/mean", "eval/addition/accuracy")
+TOLERANCE = {"learner/grad_norm": 1e-5}
+"""Relative, where not 1e-6. The two layouts compute the same logprobs in other processes with other
+thread counts, so they agree to rounding, not bit for bit (6e-6 relative at most on one base, checked
+below), and a norm summed over every parameter's gradient carries that rounding further than the
+losses do: 1.7e-6 apart on that base, equal on another."""
 
 
 @pytest.mark.parametrize("override, key", [
@@ -49,7 +54,8 @@ def test_a_colocated_run_trains_on_what_separate_engines_give(toy_world, small_e
         for key in COMPARED:
             assert (key in ours) == (key in theirs), (ours["step"], key)
             if key in ours:
-                assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (ours["step"], key)
+                expected = pytest.approx(theirs[key], rel=TOLERANCE.get(key, 1e-6), abs=1e-9)
+                assert ours[key] == expected, (ours["step"], key)
     # the student moved (so "equal" is not "nothing happened"), and the colocated engine sampled from
     # the module being trained: its logprobs are the learner's own
     losses = [m["distill/loss"] for m in colocated if "distill/loss" in m]
@@ -61,8 +67,8 @@ def test_a_colocated_run_trains_on_what_separate_engines_give(toy_world, small_e
     ours, theirs = (_samples(tmp_path / name) for name in ("colocated", "separate"))
     assert [s["completion"] for s in ours] == [s["completion"] for s in theirs] and len(ours) == 4 * 4
     for a, b in zip(ours, theirs, strict=True):
-        assert a["student_logprobs"] == pytest.approx(b["student_logprobs"], abs=1e-5)
-        assert a["teacher_logprobs"] == pytest.approx(b["teacher_logprobs"], abs=1e-5)
+        assert a["student_logprobs"] == pytest.approx(b["student_logprobs"], rel=1e-5, abs=1e-5)
+        assert a["teacher_logprobs"] == pytest.approx(b["teacher_logprobs"], rel=1e-5, abs=1e-5)
 
 
 def _samples(run_dir):

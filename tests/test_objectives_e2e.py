@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT
 from test_backbone import toy_config
+from toyworld.tasks import in_student_skill
 from trainer.loop import train
 from trainer.monitoring.metrics import read_metrics
 
@@ -20,16 +21,11 @@ def finite(metrics, key):
     return all(key in m and math.isfinite(m[key]) for m in metrics[1:])
 
 
-def no_carry(record: dict) -> bool:
-    """A toy addition problem whose digit columns don't interact: the only ones the base student answers."""
-    a, b = (int(x) for x in record["prompt"].removeprefix("Q:").removesuffix("=").split("+"))
-    return a % 10 + b % 10 < 10 and a + b < 100
-
-
-def write_no_carry(source, path):
-    lines = [line for line in source.read_text().splitlines() if no_carry(json.loads(line))]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def write_student_skill_part(source, out):
+    """The records of a toy data file whose problems the base student was pretrained on in the student
+    format (`toyworld.tasks.in_student_skill`): it answers about half of them, and 2–6 % of the others."""
+    kept = [line for line in source.read_text().splitlines() if in_student_skill(json.loads(line))]
+    out.write_text("\n".join(kept) + "\n")
 
 
 def bench_grpo_settings() -> tuple[str, ...]:
@@ -74,14 +70,14 @@ def test_objective_end_to_end(toy_world, small_eval, tmp_path, warm_actors, over
 
 def test_grpo_learns_where_the_student_has_partial_skill(toy_world, tmp_path, warm_actors):
     """GRPO at bench/efficiency.py's settings raises the sampled reward and the held-out accuracy on
-    the problems where the student has partial skill. On carry problems its right answer has
-    probability ≈ 0, so GRPO has nothing to learn from there (see that module's docstring). With
-    seeds 0, 1 and 2 the mean reward rose from 0.73–0.75 (first 10 steps) to 0.81–0.83 (last 20),
-    each mean within about ±0.02, and greedy accuracy from 90 % to 99–100 % (98 % to 100 % on a base
-    pretrained on an AVX-512 CPU)."""
+    the problems the base student was pretrained on, where about half of its answers are right and
+    most groups of 4 samples have reward variance (see that module's docstring). Measured once
+    (seed 0): the mean reward rose from 0.39 (first 10 steps) to 0.52 (last 20), greedy accuracy from
+    48.4 % to 60.8 %."""
     data = toy_world / "data" / "addition"
-    train_file = write_no_carry(data / "train.jsonl", tmp_path / "train.jsonl")
-    eval_file = write_no_carry(data / "eval.jsonl", tmp_path / "eval.jsonl")
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_student_skill_part(data / "train.jsonl", train_file)
+    write_student_skill_part(data / "eval.jsonl", eval_file)
     cfg = toy_config(toy_world, eval_file, tmp_path, f"data.train={train_file}", "loss.mode=grpo", "rollout.n=4",
                      "train.prompts_per_step=32", "learner.micro_batch=64", "train.steps=60", "train.eval_every=30",
                      *bench_grpo_settings())
@@ -89,7 +85,5 @@ def test_grpo_learns_where_the_student_has_partial_skill(toy_world, tmp_path, wa
     metrics = read_metrics(tmp_path / cfg.name)
     rewards = [m["reward/mean"] for m in metrics[1:]]
     accuracy = [m["eval/addition/accuracy"] for m in metrics if "eval/addition/accuracy" in m]
-    assert statistics.fmean(rewards[-20:]) > statistics.fmean(rewards[:10]) + 0.02, rewards
-    # at least half of the remaining held-out errors fixed (the base solves 90-98 % of these
-    # problems, depending on the CPU it was pretrained on)
-    assert 1 - accuracy[-1] <= 0.5 * (1 - accuracy[0]), accuracy
+    assert statistics.fmean(rewards[-20:]) > statistics.fmean(rewards[:10]) + 0.05, rewards
+    assert accuracy[-1] >= accuracy[0] + 0.05, accuracy

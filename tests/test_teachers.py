@@ -13,7 +13,6 @@ import torch
 
 from core.errors import ConfigError
 from test_backbone import toy_config
-from toyworld.tasks import FAMILIES
 from trainer.config.implied import engine_model, external_models, needs_teacher_engine
 from trainer.lifecycle.external_teacher import vocabulary_difference
 from trainer.lifecycle.startup import load_inputs
@@ -101,39 +100,30 @@ def test_a_copy_of_the_base_as_teacher_model_trains_as_the_initial_teacher(toy_w
     assert abs(losses["other"][0] - losses["own"][0]) > 1e-3, losses
 
 
-def _columns_apart(path, out):
-    """The records of a toy file whose digit columns don't interact (no carry, no borrow): the
-    problems where the base student has partial skill, and grows within a short test."""
-    kept = []
-    for line in path.read_text().splitlines():
-        family, a, b = json.loads(line)["id"].rsplit("-", 2)
-        if not FAMILIES[family].interacts(int(a), int(b)):
-            kept.append(line)
-    out.write_text("\n".join(kept) + "\n")
-    return kept
-
-
 @pytest.mark.slow
 def test_a_teacher_per_task_each_scores_its_share_and_both_tasks_learn(toy_world, tmp_path, base_copy, warm_actors):
     """Addition is taught by the student's own initial weights on their engine, subtraction by
     another checkpoint (a copy of the base) on the learner: each task's rollouts reach their own
-    teacher, both accuracies rise and both tasks' KL falls."""
+    teacher, both accuracies rise and both tasks' KL falls. It trains on every toy problem, with the
+    demo's batch and its schedule shortened to 100 steps: on the base's pretrained problems alone
+    subtraction stayed at its start for 120 steps at learning rates from 1e-4 to 1e-3, and 32 prompts
+    a step at lr 1e-3 collapsed both tasks. Measured once: addition 12.0 → 18.5 %, subtraction
+    17.5 → 22.0 %."""
     train_file, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    lines = {split: [] for split in ("train", "eval")}
-    for family in ("addition", "subtraction"):
-        for split in lines:
-            lines[split] += _columns_apart(toy_world / "data" / family / f"{split}.jsonl", tmp_path / "part.jsonl")
-    train_file.write_text("\n".join(lines["train"]) + "\n")
-    held_out.write_text("\n".join(lines["eval"]) + "\n")
-    cfg = toy_config(toy_world, held_out, tmp_path, f"data.train={train_file}", "train.steps=60", "train.eval_every=30",
-                     "train.prompts_per_step=32", "learner.micro_batch=32", "learner.warmup_steps=0", "learner.lr=3e-4",
-                     f"teachers.subtraction.model={base_copy}", "teachers.subtraction.scorer=learner")
+    families = [toy_world / "data" / family for family in ("addition", "subtraction")]
+    train_file.write_text("".join((family / "train.jsonl").read_text() for family in families))
+    held_out.write_text("".join("".join((family / "eval.jsonl").read_text().splitlines(True)[:200])
+                                for family in families))
+    cfg = toy_config(toy_world, held_out, tmp_path, f"data.train={train_file}", "train.steps=100",
+                     "train.eval_every=50", "train.prompts_per_step=64", "learner.micro_batch=64", "learner.lr=1e-3",
+                     "learner.warmup_steps=25", "learner.schedule=cosine", f"teachers.subtraction.model={base_copy}",
+                     "teachers.subtraction.scorer=learner")
     train(cfg, warm=warm_actors)
     metrics = read_metrics(tmp_path / cfg.name)
     for task in ("addition", "subtraction"):
         accuracy = [m[f"eval/{task}/accuracy"] for m in metrics if f"eval/{task}/accuracy" in m]
         kl = [m[f"distill/{task}/kl"] for m in metrics[1:] if f"distill/{task}/kl" in m]
-        assert len(accuracy) == 3 and len(kl) == 60, (task, accuracy, len(kl))
+        assert len(accuracy) == 3 and len(kl) == 100, (task, accuracy, len(kl))
         assert accuracy[-1] > accuracy[0], (task, accuracy)
         assert statistics.fmean(kl[-20:]) < statistics.fmean(kl[:10]), (task, kl)
     assert metrics[0]["eval/addition/teacher_accuracy"] > 0.9  # the own teacher, on its engine, with the context

@@ -27,7 +27,7 @@ from trainer.data.records import load_examples
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2  # bump when the recipe changes, so cached toy worlds are rebuilt
+PREPARE_VERSION = 3  # bump when the recipe changes, so cached toy worlds are rebuilt
 
 PRETRAIN_THREADS = 2
 """torch threads of the pretraining, whatever the machine has: a CPU's kernels split a matmul's sums
@@ -42,18 +42,20 @@ BUILD_PACKAGES = ("torch", "transformers", "tokenizers")
 
 TEACHER_AT_LEAST = 0.95
 """Every family: shown the worked solution, the base solves the problems (the papers' teacher)."""
-STUDENT_AT_MOST = {"addition": 0.30}
-"""From the question alone, the family the recipes train (the demo, the divergences, LoRA, efficiency,
-continual's new task) is only partly solved: there is a skill to grow. Subtraction has no ceiling:
-it is continual's prior task, which the student must already half know to show what it forgets."""
+STUDENT_AT_MOST = 0.30
+"""Every family: from the question alone, the base solves only part of the problems (those of its
+pretrained ones-digit pairs, about half of them): there is a skill to grow."""
 
 
 def broken_promises(results: dict[str, dict[str, float]]) -> list[str]:
     """The accuracies of a build that break TEACHER_AT_LEAST or STUDENT_AT_MOST, in words."""
-    broken = [f"{name}: teacher-format accuracy {r['teacher_accuracy']:.1%} < {TEACHER_AT_LEAST:.0%}"
-              for name, r in results.items() if r["teacher_accuracy"] < TEACHER_AT_LEAST]
-    return broken + [f"{name}: student-format accuracy {results[name]['student_accuracy']:.1%} > {ceiling:.0%}"
-                     for name, ceiling in STUDENT_AT_MOST.items() if results[name]["student_accuracy"] > ceiling]
+    broken = []
+    for name, r in results.items():
+        if r["teacher_accuracy"] < TEACHER_AT_LEAST:
+            broken.append(f"{name}: teacher-format accuracy {r['teacher_accuracy']:.1%} < {TEACHER_AT_LEAST:.0%}")
+        if r["student_accuracy"] > STUDENT_AT_MOST:
+            broken.append(f"{name}: student-format accuracy {r['student_accuracy']:.1%} > {STUDENT_AT_MOST:.0%}")
+    return broken
 
 
 def build_fingerprint() -> dict:

@@ -15,6 +15,15 @@ TEACHER_TEMPLATE = "{context}\n{prompt}"
 
 EVAL_FRACTION = 0.1
 
+STUDENT_ONES_PAIRS = frozenset(random.Random("P").sample([(a0, b0) for a0 in range(10) for b0 in range(10)], 22))
+"""The ones-digit pairs (a % 10, b % 10) of the problems the base student is pretrained on in the
+student format: 22 of the 100, drawn once, with and without a carry or borrow. A problem is in the
+student's partial skill by its ones column, not by whether its columns interact: so the skill the
+student starts with (the whole column-and-carry computation, for some digit pairs) is part of the
+skill it must grow (the same computation for the other pairs), and learning the rest adds to it
+instead of rebuilding it. With "no carry" as the partial skill, both divergences first destroyed
+it (the circuit has to be rebuilt to carry), and where the curve climbed back depended on the CPU."""
+
 
 def _addition_steps(a: int, b: int) -> tuple[str, bool]:
     if a < 10 and b < 10:
@@ -61,8 +70,12 @@ class Family:
             "task": self.name,
         }
 
+    def student_pretrained(self, a: int, b: int) -> bool:
+        """True when the base student saw problems like this one (its ones-digit pair) in the student format."""
+        return (a % 10, b % 10) in STUDENT_ONES_PAIRS
+
     def interacts(self, a: int, b: int) -> bool:
-        """True when a carry or borrow links the digits: the hard problems for the toy student."""
+        """True when a carry or borrow links the digits."""
         return self.steps(a, b)[1]
 
 
@@ -70,6 +83,12 @@ FAMILIES = {
     "addition": Family("addition", "+", lambda a, b: a + b, _addition_steps, lambda a, b: True),
     "subtraction": Family("subtraction", "-", lambda a, b: a - b, _subtraction_steps, lambda a, b: a >= b),
 }
+
+
+def in_student_skill(record: dict) -> bool:
+    """True when the base student was pretrained on problems like this toy record (by its id)."""
+    family, a, b = record["id"].rsplit("-", 2)
+    return FAMILIES[family].student_pretrained(int(a), int(b))
 
 
 def split_pairs(family: Family, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
