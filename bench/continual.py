@@ -2,6 +2,7 @@
 
     python bench/continual.py                  # ~10-15 minutes on a 2-core CPU
     python bench/continual.py --steps-b 60     # shorter
+    python bench/continual.py --set train.seed=1 --out runs/bench-continual-1   # another seed
 
 Stage A is the toy base model, pretrained on both families, which solves subtraction (A) far
 better than addition (B): 44 % vs 22 % held-out. (`--steps-a N` first self-distills the base on A
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--steps-b", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides of every run, applied last, e.g. train.seed=1 (with its own --out)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     toy, out = Path(args.toy), Path(args.out)
@@ -102,7 +105,7 @@ def main() -> None:
         return load_config(ROOT / "configs" / "toy.yaml", [
             f"name={name}", f"output_dir={out}", f"model.path={model}", f"data.train={toy / 'data' / task / 'train.jsonl'}",
             f"data.eval=[{evals[task_b]}, {evals[task_a]}]", f"train.steps={steps}", "train.save_every=0",
-            "log.samples_every=0", *overrides])
+            "log.samples_every=0", *overrides, *args.set])
 
     # Stage A: the base, or the base self-distilled on A (a finished run is read back, not retrained)
     model_a = toy / "model"
