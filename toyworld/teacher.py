@@ -36,7 +36,7 @@ base student doesn't."""
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSettings:
-    steps: int = 1000
+    steps: int = 600
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 20
