@@ -4,6 +4,7 @@
     python bench/phases.py --compare-async            # and the same run with train.async=true
     python bench/phases.py --sizes toy --steps 10     # a quick look
     python bench/phases.py --compare-colocate         # and engines inside the learner (rollout.colocate)
+    python bench/phases.py --sizes toy --compare-colocate --colocate-backend vllm
 
 At each size (bench/peer_trl.py's: the toy, about 4-token completions; the 20M `bench` model,
 128-token completions; 64 prompts per step; selfdistill's side of that comparison, i.e. a student
@@ -26,10 +27,11 @@ engine, one ZeRO-2 learner and the full-vocabulary teacher on the learner):
    compute-bound the overlap then has nothing idle to fill.
 
 4. With `--compare-colocate`, `rollout.colocate=true` (the learner rank samples with the module it
-   trains, transformers backend) against separate engines of the same backend (`rollout.backend=
-   transformers`, the toy size's default), both with all the cores per phase: completion tokens
-   trained per second and the weight sync's seconds per step (object store and in-place reload
-   against a version stamp).
+   trains, transformers backend; with `--colocate-backend vllm`, an in-process vLLM engine the rank
+   loads its weights into) against separate engines of the same backend (`rollout.backend=
+   transformers` by default, the toy size's default), both with all the cores per phase: completion
+   tokens trained per second and the weight sync's seconds per step (object store, against a
+   version stamp or an in-process reload).
 
 Last lines (the `bench` size's, whose 128-token completions are closer to a real model's; each
 size's own numbers are printed above them):
@@ -84,6 +86,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="steps run first and not counted (default: 2 toy, 1 bench)")
     parser.add_argument("--compare-async", action="store_true")
     parser.add_argument("--compare-colocate", action="store_true")
+    parser.add_argument("--colocate-backend", choices=["transformers", "vllm"], default="transformers",
+                        help="the engines' backend on both sides of --compare-colocate")
     parser.add_argument("--out", default=str(ROOT / "runs" / "phases"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -112,13 +116,13 @@ def main():
                   f"{asynchronous['tps'] / split_sync['tps']:.3f}; against sync with all cores per phase: "
                   f"{asynchronous['tps'] / sync['tps']:.3f}", flush=True)
         if args.compare_colocate:
-            same_backend = ["rollout.backend=transformers"]
-            separate = sync if SIZES[size].backend == "transformers" else \
+            same_backend = [f"rollout.backend={args.colocate_backend}"]
+            separate = sync if SIZES[size].backend == args.colocate_backend else \
                 run(config(size, f"{size}-separate", out, warmup + steps, *same_backend), warmup)
             colocated = run(config(size, f"{size}-colocated", out, warmup + steps, *same_backend,
                                    "rollout.colocate=true"), warmup)
             sync["colocate"] = (separate, colocated)
-            print(f"[{size}] transformers engines, separate: step {separate['step']:.3f}s sync {separate['sync']:.4f}s "
+            print(f"[{size}] {args.colocate_backend} engines, separate: step {separate['step']:.3f}s sync {separate['sync']:.4f}s "
                   f"{separate['tps']:.0f} tokens/s; colocated: step {colocated['step']:.3f}s sync "
                   f"{colocated['sync']:.4f}s {colocated['tps']:.0f} tokens/s: ratio "
                   f"{colocated['tps'] / separate['tps']:.3f}", flush=True)

@@ -1,7 +1,9 @@
 """Engines inside the learner ranks (`rollout.colocate`): a colocated run trains on exactly what a run
-with separate transformers engines trains on (per-step losses and evaluations to 1e-6, gradient
-norms and logprobs to 1e-5), with the student's own frozen or EMA teacher, on two DeepSpeed ranks in
-a real Ray cluster; and what it can't combine with is refused when the config loads."""
+with separate engines of the same backend trains on (per-step losses and evaluations to 1e-6,
+gradient norms and logprobs to 1e-5), on two DeepSpeed ranks in a real Ray cluster: transformers
+engines with the student's own frozen teacher, in-process vLLM engines with an EMA teacher (whose
+weights a sync loads into the rank's teacher engine); and what it can't combine with is refused
+when the config loads."""
 
 import json
 
@@ -21,7 +23,6 @@ losses do: 1.7e-6 apart on that base, equal on another."""
 
 
 @pytest.mark.parametrize("override, key", [
-    ("rollout.backend=vllm", "rollout.backend"),
     ("train.async=true", "train.async"),
     ("loss.mode=ssd", "loss.mode"),
     ("model.lora.r=4", "model.lora.r"),
@@ -36,16 +37,18 @@ def test_what_colocated_engines_do_not_combine_with_is_refused(toy_world, small_
 
 
 def _run(toy_world, small_eval, tmp_path, warm_actors, name, *overrides):
-    cfg = toy_config(toy_world, small_eval, tmp_path, f"name={name}", "rollout.backend=transformers", "learner.num=2",
+    cfg = toy_config(toy_world, small_eval, tmp_path, f"name={name}", "learner.num=2",
                      "train.steps=4", "train.eval_every=2", "learner.lr=1e-3", "learner.warmup_steps=0",
                      "log.samples_every=1", *overrides)
     train(cfg, resume="never", warm=warm_actors)
     return tmp_path / name, read_metrics(tmp_path / name)
 
 
-@pytest.mark.parametrize("teacher", ["initial", "ema"])
-def test_a_colocated_run_trains_on_what_separate_engines_give(toy_world, small_eval, tmp_path, warm_actors, teacher):
-    extra = [f"teacher.weights={teacher}"] + (["teacher.ema_alpha=0.5"] if teacher == "ema" else [])
+@pytest.mark.parametrize("backend, teacher", [("transformers", "initial"), ("vllm", "ema")])
+def test_a_colocated_run_trains_on_what_separate_engines_give(toy_world, small_eval, tmp_path, warm_actors, backend,
+                                                              teacher):
+    extra = [f"rollout.backend={backend}", f"teacher.weights={teacher}"]
+    extra += ["teacher.ema_alpha=0.5"] if teacher == "ema" else []
     _, separate = _run(toy_world, small_eval, tmp_path, warm_actors, "separate", *extra)
     run_dir, colocated = _run(toy_world, small_eval, tmp_path, warm_actors, "colocated", "rollout.colocate=true",
                               *extra)

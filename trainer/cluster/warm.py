@@ -11,7 +11,8 @@ the next run would have started them the same way:
   then loads the new run's starting weights at policy version 0, through the same sync as every
   step, and forgets the old run's adapters, so it holds exactly what a freshly started one would
   (an external teacher's engine keeps its checkpoint: it is taken over only for the same files);
-- a learner group is taken over when it has the same ranks and threads; every rank rebuilds its
+- a learner group is taken over when it has the same ranks and threads, and hosts in-process vLLM
+  engines (`rollout.colocate` with vLLM) only if the next run does too; every rank rebuilds its
   models, optimizer and DeepSpeed engine from the new config (`Learner.configure`).
 
 Nothing of a run's state survives into the next: weights, optimizer, scheduler, EMA teacher and RNG
@@ -85,7 +86,10 @@ def holds_own_weights(role: str) -> bool:
 
 
 def learner_key(cfg: Config) -> tuple:
-    return ("learners", cfg.learner.num, cfg.learner.cpu_threads, cpu_sharers(cfg, cfg.learner.num), cfg.ray.placement)
+    # ranks that host in-process vLLM engines keep them until they end (`trainer.learner.colocated_engines`)
+    hosts_vllm = cfg.rollout.colocate and cfg.rollout.backend == "vllm"
+    return ("learners", cfg.learner.num, cfg.learner.cpu_threads, cpu_sharers(cfg, cfg.learner.num), cfg.ray.placement,
+            hosts_vllm)
 
 
 class WarmActors:

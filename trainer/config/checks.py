@@ -118,9 +118,6 @@ def _colocation_problems(cfg: "Config") -> list[tuple[str, str]]:
         return []
     problems = []
     for key, refused, why in (
-            ("rollout.backend", cfg.rollout.backend != "transformers",
-             "the learner ranks host transformers engines only (vLLM in a learner rank is not built yet): set "
-             "rollout.backend=transformers, or keep separate vLLM engines"),
             ("train.async", cfg.train.async_, "overlapping generation with training needs engines on devices of their "
                                               "own; colocated engines share the learner's"),
             ("loss.mode", cfg.loss.mode == "ssd", "SSD samples a frozen copy of the starting model on engines of its own"),

@@ -207,7 +207,7 @@ class RolloutConfig:
     cpu_threads: Positive | None = None
     """CPU only: torch threads per engine; null = its node's cores shared among the actors that compute at the same time (see `learner.cpu_threads`)."""
     colocate: bool = False
-    """Each learner rank hosts the engines itself and samples (and, as the teacher, scores) its own shard with the very modules it trains: no engine actors, and a weight sync moves nothing. For one node and small models; `rollout.engines` is then the learner count. Needs `rollout.backend=transformers` (vLLM in the learner ranks is not built yet)."""
+    """Each learner rank hosts the engines itself and samples (and, as the teacher, scores) its own shard: no engine actors. For one node and small models; `rollout.engines` is then the learner count. Transformers engines read the rank's own modules (a sync moves nothing); vLLM engines run in the rank's process and load its weights at every sync."""
 
 
 @dataclass

@@ -22,11 +22,10 @@ import torch
 
 from core.errors import ConfigError
 from rollout.batch import Rollout, TeacherScores
-from rollout.hf_engine import TransformersEngine
 from trainer.config import config_from_dict
 from trainer.config.implied import (colocated, external_models, needs_teacher_engine, own_teacher_on_learners,
                                     quantized_student, task_teacher)
-from trainer.learner import adapters, batching, objectives, quantization
+from trainer.learner import adapters, batching, colocated_engines, objectives, quantization
 from trainer.learner.forward import WithKwargs, aligned_vocabulary, completion_logits
 from trainer.learner.metrics import token_means
 from trainer.learner.optim import DTYPES, deepspeed_config, lr_lambda, micro_steps
@@ -88,17 +87,25 @@ class Learner:
         self.colocated_engines = self._colocated_engines() if colocated(cfg) else {}
         return self.rank
 
-    def _colocated_engines(self) -> dict[str, TransformersEngine]:
-        """`rollout.colocate`: this rank's engines, reading its own modules as they are at each call
-        (the student it trains; the copy of its own teacher weights, when an engine scores them),
-        seeded as the rank-th engine of a separate pool would be."""
-        tokenizer = self.cfg.model.tokenizer or self.cfg.model.path
-        common = dict(max_model_len=self.cfg.model.max_model_len, seed=self.cfg.train.seed + self.rank,
-                      max_logprobs=self.cfg.loss.topk)
-        engines = {"student": TransformersEngine.serving(self.engine.module, tokenizer, **common)}
+    def _colocated_engines(self) -> dict:
+        """`rollout.colocate`: this rank's engines (`trainer.learner.colocated_engines`), on the student
+        it trains and, when an engine scores them, its copy of its own teacher weights."""
+        modules = {"student": self.engine.module}
         if needs_teacher_engine(self.cfg):
-            engines["teacher"] = TransformersEngine.serving(self.teacher, tokenizer, **common)
-        return engines
+            modules["teacher"] = self.teacher
+        served = {role: (lambda role=role: self._served_weights(role)) for role in modules}
+        return colocated_engines.build(self.cfg, self.rank, modules, served)
+
+    @torch.no_grad()
+    def _served_weights(self, which: str) -> dict[str, torch.Tensor]:
+        """This rank's full weights by checkpoint name, as an in-process engine serves them: the
+        student's (quantized, with `model.quantization`) or its teacher copy's. No gather: a
+        colocated rank holds every weight (ZeRO-3 does not colocate)."""
+        module = self.engine.module if which == "student" else self.teacher
+        weights = module.state_dict()
+        if which == "student" and self.quantized:
+            weights = quantization.quantized_state_dict(module, weights)
+        return weights
 
     def colocated(self, role: str, method: str, *args, **kwargs):
         """A call of this rank's colocated `role` engine (`trainer.cluster.colocated`): `generate`,
