@@ -46,6 +46,7 @@ class RolloutEngine:
     what a fresh peft adapter (B = 0) is.
 
     `cpu_threads` (CPU only) sets the engine's torch threads; None keeps OMP_NUM_THREADS (1 by default).
+    `sleep_mode` (CUDA only) starts it with vLLM's sleep mode, for `trainer.learner.colocated_engines`.
     """
 
     MAX_ADAPTERS = 2  # the student's and an EMA teacher's
@@ -53,7 +54,7 @@ class RolloutEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int | None = None,
                  seed: int = 0, max_logprobs: int = 20, gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: float = 0.5, tokenizer: str | None = None, max_lora_rank: int = 0,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, sleep_mode: bool = False):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _set_cpu_environment(cpu_threads)
@@ -63,11 +64,12 @@ class RolloutEngine:
             {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": self.MAX_ADAPTERS} \
             if max_lora_rank else {}
+        sleep = {"enable_sleep_mode": True} if sleep_mode else {}
         self.llm = LLM(model=model_path, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=not on_gpu, max_logprobs=max(max_logprobs, 1),
                        logprobs_mode="processed_logprobs",  # the sampling distribution; see rollout.batch
                        use_tqdm_on_load=False,  # a redrawn bar is carriage-return noise in the driver's log
-                       **memory, **lora)
+                       **memory, **lora, **sleep)
         self.policy_version = 0
         self._adapters = {}  # name -> LoRARequest
         self._adapter_dir = tempfile.mkdtemp(prefix="selfdistill-adapters-") if max_lora_rank else None

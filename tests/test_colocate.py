@@ -36,6 +36,15 @@ def test_what_colocated_engines_do_not_combine_with_is_refused(toy_world, small_
         toy_config(toy_world, small_eval, tmp_path, *overrides)
 
 
+def test_sleep_mode_needs_colocated_vllm_and_a_gpu(toy_world, small_eval, tmp_path, warm_actors):
+    with pytest.raises(ConfigError, match=r"rollout.sleep: needs rollout.colocate=true and rollout.backend=vllm"):
+        toy_config(toy_world, small_eval, tmp_path, "rollout.sleep=true", "rollout.backend=vllm")
+    cfg = toy_config(toy_world, small_eval, tmp_path, "rollout.sleep=true", "rollout.colocate=true",
+                     "rollout.backend=vllm", "name=sleep")
+    with pytest.raises(ConfigError, match=r"rollout.sleep: vLLM's sleep mode is CUDA-only and this cluster has no GPU"):
+        train(cfg, resume="never", warm=warm_actors)  # this CPU cluster: refused before any actor starts
+
+
 def _run(toy_world, small_eval, tmp_path, warm_actors, name, *overrides):
     cfg = toy_config(toy_world, small_eval, tmp_path, f"name={name}", "learner.num=2",
                      "train.steps=4", "train.eval_every=2", "learner.lr=1e-3", "learner.warmup_steps=0",

@@ -114,9 +114,12 @@ def _quantization_problems(cfg: "Config") -> list[tuple[str, str]]:
 
 def _colocation_problems(cfg: "Config") -> list[tuple[str, str]]:
     """What engines inside the learner ranks (`rollout.colocate`) do not combine with."""
-    if not cfg.rollout.colocate:
-        return []
     problems = []
+    if cfg.rollout.sleep and not (cfg.rollout.colocate and cfg.rollout.backend == "vllm"):
+        problems.append(("rollout.sleep", "needs rollout.colocate=true and rollout.backend=vllm: only an engine "
+                                          "that shares the learner's device has memory to give back while it trains"))
+    if not cfg.rollout.colocate:
+        return problems
     for key, refused, why in (
             ("train.async", cfg.train.async_, "overlapping generation with training needs engines on devices of their "
                                               "own; colocated engines share the learner's"),

@@ -208,6 +208,8 @@ class RolloutConfig:
     """CPU only: torch threads per engine; null = its node's cores shared among the actors that compute at the same time (see `learner.cpu_threads`)."""
     colocate: bool = False
     """Each learner rank hosts the engines itself and samples (and, as the teacher, scores) its own shard: no engine actors. For one node and small models; `rollout.engines` is then the learner count. Transformers engines read the rank's own modules (a sync moves nothing); vLLM engines run in the rank's process and load its weights at every sync."""
+    sleep: bool = False
+    """Colocated vLLM engines on GPUs only (untested: no GPU with vLLM was reachable): vLLM's sleep mode frees the engines' device memory while the learner trains (level 1) and wakes the weights for the sync, then the KV cache. Refused on a cluster without GPUs (sleep mode is CUDA-only)."""
 
 
 @dataclass

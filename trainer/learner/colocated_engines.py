@@ -30,14 +30,42 @@ Weights = Callable[[], dict[str, torch.Tensor]]
 
 
 class InProcessEngine(RolloutEngine):
-    """A vLLM engine whose sync (`set_version`) loads the weights `served()` returns at that moment."""
+    """A vLLM engine whose sync (`set_version`) loads the weights `served()` returns at that moment.
+
+    With `sleep_mode` (`rollout.sleep`, CUDA only, untested) the rank puts it to sleep before it
+    trains (`sleep`); the sync wakes the weights, loads them, then wakes the KV cache, and a call on
+    an engine still asleep (a frozen teacher's, which no sync wakes) wakes it whole first."""
 
     def __init__(self, model_path: str, served: Weights, **options):
         super().__init__(model_path, **options)
-        self.served = served
+        self.served, self.asleep = served, False
 
     def set_version(self, version: int) -> int:
-        return self.load_weights(self.served(), version)
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        version = self.load_weights(self.served(), version)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        return version
+
+    def sleep(self) -> None:
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def generate(self, *args, **kwargs):
+        self._awake()
+        return super().generate(*args, **kwargs)
+
+    def score(self, *args, **kwargs):
+        self._awake()
+        return super().score(*args, **kwargs)
+
+    def _awake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
 
 _kept: dict[tuple, InProcessEngine] = {}
@@ -55,7 +83,7 @@ def build(cfg, rank: int, modules: dict[str, torch.nn.Module], served: dict[str,
     from trainer.cluster.warm import model_signature
     options = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.train.seed + rank,
                    max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                   tokenizer=cfg.model.tokenizer)
+                   tokenizer=cfg.model.tokenizer, sleep_mode=cfg.rollout.sleep)
     signature = model_signature(cfg.model.path, cfg.model.tokenizer)
     engines = {}
     for role in modules:

@@ -107,6 +107,12 @@ class Learner:
             weights = quantization.quantized_state_dict(module, weights)
         return weights
 
+    def _sleep_engines(self) -> None:
+        """`rollout.sleep`: the colocated vLLM engines give their device memory back while this rank trains."""
+        if self.cfg.rollout.sleep:
+            for engine in self.colocated_engines.values():
+                engine.sleep()
+
     def colocated(self, role: str, method: str, *args, **kwargs):
         """A call of this rank's colocated `role` engine (`trainer.cluster.colocated`): `generate`,
         `score` or `set_version`, as on an engine actor. The modules stay in eval mode (as in training:
@@ -158,6 +164,7 @@ class Learner:
                    scores: list[TeacherScores] | None, total_tokens: int) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch. `total_tokens` counts the loss
         tokens of the whole batch over all ranks, so the gradient is the global per-token mean."""
+        self._sleep_engines()
         plan = self._micro_batch_plan(rollouts)
         sums: dict[str, float] = {}
         # Dropout stays off: the engines sample without it, the health gap compares against them, and

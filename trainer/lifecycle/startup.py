@@ -18,7 +18,7 @@ from rollout.weights import ObjectStoreTransport
 from trainer.cluster.colocated import ColocatedPool
 from trainer.cluster.engines import build_engines
 from trainer.cluster.learners import LearnerGroup
-from trainer.cluster.placement import placement_report, start_ray
+from trainer.cluster.placement import has_gpus, placement_report, start_ray
 from trainer.cluster.warm import WarmActors, engine_key, holds_own_weights, learner_key
 from trainer.config import Config, config_to_dict
 from trainer.config.implied import (colocated, external_models, external_role, needs_teacher_engine, quantized_student,
@@ -132,6 +132,9 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
     driver's idle ones that were built the same way), and writes `placement.json`. With
     `rollout.colocate` the student's engines, and its own teacher weights', are the learner ranks."""
     start_ray(cfg)
+    if cfg.rollout.sleep and not has_gpus():
+        raise ConfigError("rollout.sleep: vLLM's sleep mode is CUDA-only and this cluster has no GPU: "
+                          "set rollout.sleep=false")
     # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
     ssd = cfg.loss.mode == "ssd"
     externals = external_models(cfg, "engine")
