@@ -1,5 +1,5 @@
 """After a step, the new weights reach the engines: the student's (or its LoRA adapter) to the
-student engines, an EMA teacher's to wherever it scores (colocated engines: nothing moves)."""
+student engines, an EMA teacher's to wherever it scores (colocated engines: each rank's own)."""
 
 from rollout.pool import EnginePool
 from trainer.config import Config
@@ -19,7 +19,7 @@ def engine_adapters(cfg: Config) -> tuple[str | None, str | None]:
 def sync_weights(cfg: Config, learners, transport, students: EnginePool, teacher_engines: EnginePool | None,
                  version: int, teacher_version: int) -> None:
     """After a step: the student's weights (or adapter) to its engines; an EMA teacher's to wherever it
-    scores. Colocated engines read the weights in place: only the versions move."""
+    scores. Colocated engines take them from their own rank: only the versions go out from here."""
     if colocated(cfg):
         students.advance(version)
         if teacher_engines is not None and cfg.teacher.weights == "ema":
