@@ -1,9 +1,10 @@
 """Engines inside the learner ranks (`rollout.colocate`): a colocated run trains on exactly what a run
 with separate engines of the same backend trains on (per-step losses and evaluations to 1e-6,
 gradient norms and logprobs to 1e-5), on two DeepSpeed ranks in a real Ray cluster: transformers
-engines with the student's own frozen teacher, in-process vLLM engines with an EMA teacher (whose
-weights a sync loads into the rank's teacher engine); and what it can't combine with is refused
-when the config loads."""
+engines with the student's own frozen teacher under ZeRO-2, in-process vLLM engines with an EMA
+teacher under ZeRO-3 (every sync gathers the student's shards into each rank's engine, and loads the
+EMA weights into its teacher engine); and what it can't combine with is refused when the config
+loads."""
 
 import json
 
@@ -26,7 +27,7 @@ losses do: 1.7e-6 apart on that base, equal on another."""
     ("train.async=true", "train.async"),
     ("loss.mode=ssd", "loss.mode"),
     ("model.lora.r=4", "model.lora.r"),
-    ("learner.zero_stage=3", "learner.zero_stage"),
+    ("learner.zero_stage=3", "learner.zero_stage"),  # with transformers engines; vLLM's gather at the sync
 ])
 def test_what_colocated_engines_do_not_combine_with_is_refused(toy_world, small_eval, tmp_path, override, key):
     overrides = ["rollout.colocate=true", "rollout.backend=transformers", override]
@@ -53,10 +54,10 @@ def _run(toy_world, small_eval, tmp_path, warm_actors, name, *overrides):
     return tmp_path / name, read_metrics(tmp_path / name)
 
 
-@pytest.mark.parametrize("backend, teacher", [("transformers", "initial"), ("vllm", "ema")])
+@pytest.mark.parametrize("backend, teacher, zero", [("transformers", "initial", 2), ("vllm", "ema", 3)])
 def test_a_colocated_run_trains_on_what_separate_engines_give(toy_world, small_eval, tmp_path, warm_actors, backend,
-                                                              teacher):
-    extra = [f"rollout.backend={backend}", f"teacher.weights={teacher}"]
+                                                              teacher, zero):
+    extra = [f"rollout.backend={backend}", f"teacher.weights={teacher}", f"learner.zero_stage={zero}"]
     extra += ["teacher.ema_alpha=0.5"] if teacher == "ema" else []
     _, separate = _run(toy_world, small_eval, tmp_path, warm_actors, "separate", *extra)
     run_dir, colocated = _run(toy_world, small_eval, tmp_path, warm_actors, "colocated", "rollout.colocate=true",

@@ -125,9 +125,9 @@ def _colocation_problems(cfg: "Config") -> list[tuple[str, str]]:
                                               "own; colocated engines share the learner's"),
             ("loss.mode", cfg.loss.mode == "ssd", "SSD samples a frozen copy of the starting model on engines of its own"),
             ("model.lora.r", cfg.model.lora.r > 0, "colocated engines serving LoRA adapters are not built yet"),
-            ("learner.zero_stage", cfg.learner.zero_stage == 3,
-             "a ZeRO-3 rank holds a shard of the weights, and colocated sampling would gather them at every token: "
-             "use zero_stage 2")):
+            ("learner.zero_stage", cfg.learner.zero_stage == 3 and cfg.rollout.backend == "transformers",
+             "a ZeRO-3 rank holds a shard of the weights, and a transformers engine reading it would gather them at "
+             "every token: use zero_stage 2, or rollout.backend=vllm (its engines gather them once per sync)")):
         if refused:
             problems.append((key, f"does not combine with rollout.colocate=true: {why}"))
     return problems

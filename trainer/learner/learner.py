@@ -99,11 +99,16 @@ class Learner:
     @torch.no_grad()
     def _served_weights(self, which: str) -> dict[str, torch.Tensor]:
         """This rank's full weights by checkpoint name, as an in-process engine serves them: the
-        student's (quantized, with `model.quantization`) or its teacher copy's. No gather: a
-        colocated rank holds every weight (ZeRO-3 does not colocate)."""
-        module = self.engine.module if which == "student" else self.teacher
-        weights = module.state_dict()
-        if which == "student" and self.quantized:
+        student's (quantized, with `model.quantization`) or its teacher copy's (never partitioned).
+        Under ZeRO-3 the student's are gathered (every rank's engine syncs at once, so every rank
+        enters the collective) and copied out before the shards are freed again."""
+        student = which == "student"
+        module = self.engine.module if student else self.teacher
+        with self._gathered(module.parameters() if student else []):
+            weights = module.state_dict()
+            if student and self.cfg.learner.zero_stage == 3:
+                weights = {name: tensor.clone() for name, tensor in weights.items()}
+        if student and self.quantized:
             weights = quantization.quantized_state_dict(module, weights)
         return weights
 
