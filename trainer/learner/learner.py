@@ -93,24 +93,10 @@ class Learner:
         modules = {"student": self.engine.module}
         if needs_teacher_engine(self.cfg):
             modules["teacher"] = self.teacher
-        served = {role: (lambda role=role: self._served_weights(role)) for role in modules}
+        # every rank's engine syncs at once, so under ZeRO-3 every rank enters the gather
+        served = {role: (lambda role=role: self._full_weights(role, rank_0_only=False, to_cpu=False))
+                  for role in modules}
         return colocated_engines.build(self.cfg, self.rank, modules, served)
-
-    @torch.no_grad()
-    def _served_weights(self, which: str) -> dict[str, torch.Tensor]:
-        """This rank's full weights by checkpoint name, as an in-process engine serves them: the
-        student's (quantized, with `model.quantization`) or its teacher copy's (never partitioned).
-        Under ZeRO-3 the student's are gathered (every rank's engine syncs at once, so every rank
-        enters the collective) and copied out before the shards are freed again."""
-        student = which == "student"
-        module = self.engine.module if student else self.teacher
-        with self._gathered(module.parameters() if student else []):
-            weights = module.state_dict()
-            if student and self.cfg.learner.zero_stage == 3:
-                weights = {name: tensor.clone() for name, tensor in weights.items()}
-        if student and self.quantized:
-            weights = quantization.quantized_state_dict(module, weights)
-        return weights
 
     def _sleep_engines(self) -> None:
         """`rollout.sleep`: the colocated vLLM engines give their device memory back while this rank trains."""
@@ -348,12 +334,22 @@ class Learner:
                 if self.rank != 0:
                     return None
                 return adapters.merged_state_dict(self.engine.module, self._adapter_name(which))
+        return self._full_weights(which, rank_0_only=True, to_cpu=True)
+
+    @torch.no_grad()
+    def _full_weights(self, which: str, rank_0_only: bool, to_cpu: bool) -> dict[str, torch.Tensor] | None:
+        """`export_weights`' full weights (without LoRA), on rank 0 only or on every rank (a colocated
+        engine's sync). Copied out to the CPU, or on their device under ZeRO-3, where the gathered
+        full parameters are freed again on leaving the gather; otherwise the live tensors themselves."""
         student = which in ("student", "master")
         module = self.engine.module if student else self.teacher
         with self._gathered(module.parameters() if student else []):
-            if self.rank != 0:
+            if rank_0_only and self.rank != 0:
                 return None
-            weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+            weights = module.state_dict()
+            if to_cpu or (student and self.cfg.learner.zero_stage == 3):
+                weights = {name: tensor.detach().to("cpu" if to_cpu else tensor.device, copy=True)
+                           for name, tensor in weights.items()}
             if which == "student" and self.quantized:
                 weights = quantization.quantized_state_dict(module, weights)
             return weights
