@@ -32,6 +32,9 @@ class Rollout:
     """Whether the distillation term applies to it (false: `teacher.context=sibling` found no successful sibling)."""
     task: str = "default"
     """Its record's task (the `task` column): which teacher scores it, and its per-task curves."""
+    cached: bool = False
+    """A teacher-cache record (`trainer.cache`), not a sample of the student's: its targets are the
+    cache's, it is trained by forward KL to them, and it has no sampling logprobs (`logprobs` are 0)."""
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
   selfdistill train CONFIG [a.b=value ...]     run on-policy self-distillation (resumes the run if it exists)
   selfdistill adapt --from CKPT --data NEW     a new stage from a checkpoint, with forgetting measured
+                    [--replay PRIOR[:FRACTION]]  replaying prior prompts with the checkpoint's distributions
+  selfdistill score CONFIG --out DIR           the config's teacher's top-k scores of completions, on disk
   selfdistill config CONFIG [a.b=value ...]    validate a config and print it resolved
   selfdistill config --reference               every option, its type, default and meaning
   selfdistill report RUN_DIR [RUN_DIR ...]     plots and sample rollouts of one run, or several overlaid
@@ -49,10 +51,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from trainer.lifecycle.continual import adapt, forgetting_markdown
-    summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, args.overrides, args.resume)
+    from trainer.lifecycle.continual import adapt, forgetting_markdown, replay_overrides
+    overrides = replay_overrides(args.replay or []) + list(args.overrides)
+    summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, overrides, args.resume)
     print(format_summary(summary))
     print(forgetting_markdown(summary["forgetting"]), end="")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from trainer.cache.scoring import score_dataset
+    from trainer.cache.store import TeacherCache
+    from trainer.config import load_config
+    manifest = score_dataset(load_config(args.config, args.overrides), args.out, args.completions, args.shard_size)
+    cache = TeacherCache(args.out)
+    full = 2 * manifest["vocab_size"]
+    print(f"teacher cache: {len(cache)} completions, {sum(s['tokens'] for s in manifest['shards'])} tokens, "
+          f"k={cache.k}, {cache.bytes_per_token():.1f} bytes per token ({cache.bytes_per_token() / full:.2%} of bf16 "
+          f"full distributions, {full} bytes) in {args.out}")
     return 0
 
 
@@ -137,8 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="held-out prompts of earlier tasks (repeatable; default: the parent run's data.eval)")
     adapt.add_argument("--config", help="config to start from (default: the parent run's config.yaml)")
     adapt.add_argument("--resume", default="auto", metavar="auto|never|PATH", help="as for train")
+    adapt.add_argument("--replay", action="append", metavar="PRIOR[:FRACTION]",
+                       help="replay prompts of an earlier task with the checkpoint's own distributions, as this "
+                            "share of each step (repeatable; default share 0.25; see README, Replay)")
     adapt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 name=stage2")
     adapt.set_defaults(run=_adapt)
+
+    score = commands.add_parser("score", help="write a teacher cache: the teacher's top-k of completions, on disk")
+    score.add_argument("config", help="YAML config: its teacher, data.train, loss.topk and rollout settings")
+    score.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.topk=50")
+    score.add_argument("--out", required=True, help="cache directory (an interrupted scoring resumes there)")
+    score.add_argument("--completions", default="demonstrations", metavar="SOURCE",
+                       help="what is scored: demonstrations (loss.sft_target's column), column:NAME (a column's "
+                            "text), samples (of model.path) or samples:MODEL_DIR (default: demonstrations)")
+    score.add_argument("--shard-size", type=int, default=256, help="completions per shard (default 256)")
+    score.set_defaults(run=_score)
 
     report = commands.add_parser("report", help="plots and sample rollouts of one run, or several overlaid")
     report.add_argument("run_dirs", nargs="+", help="run directories (runs/<name>)")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from rewards.answer import answer_match
 from rollout.batch import TeacherScores
+from trainer.cache.feed import open_cache_feed
 from trainer.cluster.warm import WarmActors
 from trainer.config import Config, dump_config
-from trainer.config.implied import task_teacher, uses_teacher
+from trainer.config.implied import on_policy_prompts, task_teacher, uses_teacher
 from trainer.data.sampler import PromptSampler
 from trainer.lifecycle.checkpoint import log_rollout_ids, read_state, save_checkpoint, summarize
 from trainer.lifecycle.preemption import StopRequests
@@ -53,17 +54,20 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
     sampler = PromptSampler(len(inputs.train_set), cfg.train.seed)
     actors = start_actors(cfg, run_dir, warm)
     student_adapter, teacher_adapter = engine_adapters(cfg)
-    feed = RolloutFeed(sampler, cfg.train.prompts_per_step,
+    feed = RolloutFeed(sampler, on_policy_prompts(cfg),
                        lambda examples, at_version, step: collect_rollouts(
                            cfg, actors.students, actors.frozen, examples, inputs.encoded_train, inputs.tokenizer,
                            at_version, step, adapter=student_adapter),
                        ahead=cfg.train.async_, max_lag=None if cfg.loss.mode == "ssd" else MAX_POLICY_LAG)
     skipped_steps, engine_restarts = SkippedSteps(cfg.train.max_skipped_steps), 0
     done, version, teacher_version = 0, 0, 0
-    try:
+    try:  # a share of each step from a teacher cache or the replay cache (scored now, at the parent's weights)
+        cached = open_cache_feed(cfg, run_dir, inputs.tokenizer, actors.students, student_adapter, bool(checkpoint))
         if checkpoint:
             done, version, teacher_version = restore_run(cfg, checkpoint, state, actors, sampler,
                                                          inputs.data_fingerprint, run_dir)
+            if cached:
+                cached.load_state_dict(state["cache_sampler"])
         sink = MetricsLogger(run_dir, cfg, resumed_at=done if checkpoint else None)
         if not checkpoint:
             sink.log(0, _evaluate_start(cfg, actors, inputs, version, student_adapter, teacher_adapter))
@@ -71,7 +75,7 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
         def checkpoint_now(step: int) -> Path:
             driver_state = {"step": step, "policy_version": version, "teacher_version": teacher_version,
                             "sampler": feed.sampler_state(), "data_fingerprint": inputs.data_fingerprint,
-                            "data": str(cfg.data.train)}
+                            "data": str(cfg.data.train), "cache_sampler": cached.state_dict() if cached else None}
             return save_checkpoint(actors.learners, run_dir, driver_state, cfg.train.keep_checkpoints)
 
         saved = checkpoint
@@ -89,9 +93,10 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
                     metrics |= batch.metrics
                     with timed(metrics, "score"):
                         scores = _engine_scores(cfg, actors, batch, teacher_adapter)
+                    trained, trained_scores = cached.mixed(batch, scores, version) if cached else (batch, scores)
                     with timed(metrics, "train"):
-                        metrics |= actors.learners.train_step(batch.rollouts, batch.teacher_prompts, scores,
-                                                              _loss_tokens(cfg, batch.rollouts))
+                        metrics |= actors.learners.train_step(trained.rollouts, trained.teacher_prompts, trained_scores,
+                                                              _loss_tokens(cfg, trained.rollouts))
                     metrics |= skipped_steps.update(step, bool(metrics.pop("learner/skipped")))
                     with timed(metrics, "generate_wait"):
                         feed.wait()  # async: the engines finish step+1 on the old weights first
@@ -103,12 +108,11 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
                     restarts = actors.drain_restarts()
                     engine_restarts += len(restarts)
                     metrics["health/engine_restarts"] = float(engine_restarts)
-                    log_rollout_ids(run_dir, step, version - 1, batch.rollouts, restarts)
+                    log_rollout_ids(run_dir, step, version - 1, trained.rollouts, restarts)
                 done = step
                 metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / metrics["time/step"]
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                    metrics |= evaluate(actors.students, inputs.eval_set, inputs.encoded_eval, inputs.tokenizer, cfg,
-                                        answer_match, version, adapter=student_adapter)
+                    metrics |= _evaluate(cfg, actors, inputs, version, student_adapter)
                     logger.info("step %d/%d: %s", step, cfg.train.steps, _brief(metrics))
                 sink.log(step, metrics)
                 if cfg.log.samples_every and step % cfg.log.samples_every == 0:
@@ -127,6 +131,16 @@ def train(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> 
         actors.close()
     health = {"skipped_steps": skipped_steps.total, "engine_restarts": engine_restarts}
     return write_summary(run_dir, saved, done, started, stop.signal_name, inputs, health)
+
+
+def _evaluate(cfg: Config, actors: Actors, inputs: Inputs, version: int, adapter: str | None) -> dict[str, float]:
+    """The student's held-out accuracy, and its accuracy shown the privileged context (for the tasks
+    whose teacher is the student's own weights): the teacher it carries into its next adaptation,
+    which a user sees decay while it happens."""
+    own = [e for e in inputs.eval_set if task_teacher(cfg, e.task).model is None]
+    return evaluate(actors.students, inputs.eval_set, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match, version,
+                    adapter=adapter) | evaluate(actors.students, own, inputs.encoded_eval, inputs.tokenizer, cfg,
+                                                answer_match, version, teacher=True, adapter=adapter)
 
 
 def _evaluate_start(cfg: Config, actors: Actors, inputs: Inputs, version: int, student_adapter: str | None,

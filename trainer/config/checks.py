@@ -45,6 +45,7 @@ def cross_field_problems(cfg: "Config") -> list[tuple[str, str]]:
         problems.append(("learner.num", f"must divide train.prompts_per_step × rollout.n = {sequences} so that every "
                                         f"rank gets the same share, got {cfg.learner.num}"))
     problems += _objective_problems(cfg)
+    problems += _cache_problems(cfg)
     if not cfg.model.lora.target_modules:
         problems.append(("model.lora.target_modules", "must name at least one module, or be [all-linear]"))
     if cfg.rollout.backend == "transformers" and cfg.model.lora.r > 0 and cfg.model.lora.sync == "adapter":
@@ -162,4 +163,29 @@ def _objective_problems(cfg: "Config") -> list[tuple[str, str]]:
         problems.append(("rollout.n", f"loss.mode='sft' trains on one demonstration per prompt: needs 1, got {cfg.rollout.n}"))
     if mode == "sft" and cfg.loss.sft_target == "answer" and cfg.data.columns.answer is None:
         problems.append(("loss.sft_target", "'answer' needs data.columns.answer (it is null)"))
+    return problems
+
+
+def _cache_problems(cfg: "Config") -> list[tuple[str, str]]:
+    """Checks of the cached share of a step: a teacher cache (`teacher.cache`) or replay."""
+    from trainer.config.implied import cache_source, cached_prompts
+    problems = []
+    source = cache_source(cfg)
+    if cfg.teacher.cache is not None and cfg.replay.fraction > 0:
+        problems.append(("replay.fraction", "a run trains from one cache: teacher.cache, or replay's (set one of "
+                                            "teacher.cache=null and replay.fraction=0)"))
+    if source is None:
+        return problems
+    key = "teacher.cache_fraction" if source == "teacher.cache" else "replay.fraction"
+    if cfg.loss.mode != "distill":
+        problems.append((source if source == "teacher.cache" else key,
+                         f"trains against a teacher's cached distributions; loss.mode={cfg.loss.mode!r} uses no teacher"))
+    if cfg.loss.estimator == "full":
+        problems.append(("loss.estimator", f"'full' needs every teacher's full distribution; {source} holds the top-k "
+                                           "and the tail: use estimator 'topk' or 'sampled'"))
+    if cached_prompts(cfg) < 1:
+        problems.append((key, f"× train.prompts_per_step={cfg.train.prompts_per_step} rounds to no cached prompt"))
+    if source == "replay" and not cfg.replay.data and not cfg.replay.teacher_format:
+        problems.append(("replay.data", "replay.fraction > 0 with nothing to replay: give prior prompts, or keep "
+                                        "replay.teacher_format=true"))
     return problems

@@ -43,6 +43,33 @@ def colocated(cfg: Config) -> bool:
     return cfg.rollout.colocate
 
 
+def cache_source(cfg: Config) -> str | None:
+    """Where a step's cached records come from: a teacher cache (`teacher.cache`), the run's replay
+    cache (`replay`), or nowhere (None)."""
+    if cfg.teacher.cache is not None:
+        return "teacher.cache"
+    return "replay" if cfg.replay.fraction > 0 else None
+
+
+def cached_prompts(cfg: Config) -> int:
+    """The prompts of each step drawn from the cache (one cached completion each)."""
+    source = cache_source(cfg)
+    if source is None:
+        return 0
+    fraction = cfg.teacher.cache_fraction if source == "teacher.cache" else cfg.replay.fraction
+    return round(fraction * cfg.train.prompts_per_step)
+
+
+def on_policy_prompts(cfg: Config) -> int:
+    """The prompts of each step sampled on-policy (`rollout.n` completions each)."""
+    return cfg.train.prompts_per_step - cached_prompts(cfg)
+
+
+def scores_live(cfg: Config) -> bool:
+    """Some rollout is scored by a live teacher: there is a teacher, and a step samples on-policy."""
+    return uses_teacher(cfg) and on_policy_prompts(cfg) > 0
+
+
 def needs_teacher_engine(cfg: Config) -> bool:
     """A separate engine (colocated: one in each learner rank) holds the student's own teacher weights
     (`teacher.weights`, shared by every teacher without a `model`) when the engine scores them and
@@ -52,8 +79,9 @@ def needs_teacher_engine(cfg: Config) -> bool:
 
 
 def own_teacher_scored_on_engines(cfg: Config) -> bool:
-    """Some task's teacher is the student's own weights, scored by an engine."""
-    return uses_teacher(cfg) and any(t.model is None and t.scorer == "engine" for t in all_teachers(cfg))
+    """Some task's teacher is the student's own weights, scored by an engine (on live rollouts:
+    training from a cache alone scores nothing)."""
+    return scores_live(cfg) and any(t.model is None and t.scorer == "engine" for t in all_teachers(cfg))
 
 
 def own_teacher_on_learners(cfg: Config) -> bool:

@@ -138,6 +138,10 @@ class TeacherConfig:
     """With `context: sibling`, how the context is built: `{solution}` is the successful sibling's completion, `{feedback}` the rewards' feedback text on this sample (may be empty)."""
     success_reward: float = 1.0
     """With `context: sibling`, a sibling is successful when the sum of its rewards is at least this."""
+    cache: str | None = None
+    """A teacher cache written by `selfdistill score` (see README, *The teacher cache*): a `teacher.cache_fraction` share of each step's prompts are its records, trained against its stored top-k instead of a teacher's live scores; it must match the run's teacher (model, tokenizer, template) and `loss.topk`; null = off."""
+    cache_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """With `teacher.cache`, the share of each step's prompts drawn from the cache (each one cached completion); the rest are sampled on-policy as usual (each `rollout.n` completions). 1 = train from the cache alone: no teacher engine."""
 
 
 @dataclass
@@ -283,6 +287,18 @@ class RayConfig:
 
 
 @dataclass
+class ReplayConfig:
+    data: str | list[str] | None = None
+    """Prior tasks' prompts to replay (files as `data.train`), with the completions and the distributions of the run's starting model (the parent), scored once when the run starts into `<run dir>/replay/`; null = none (see README, *Replay*)."""
+    fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """The share of each step's prompts replayed (each one cached completion, trained by forward KL to the parent's top-k + tail); 0 = no replay."""
+    teacher_format: bool = True
+    """Also replay the parent reading its privileged context: prompts of `data.train` and `replay.data` in the teacher's format (the teacher template with the record's context), with the parent's answers and distributions, so the model stays able to teach itself in the next stage."""
+    prompts: Positive = 256
+    """Prompts scored from each replayed set and format (fewer if the set is smaller), drawn with `train.seed`."""
+
+
+@dataclass
 class StageConfig:
     name: str = "stage"
     """Stage name; its run directory is `<run dir>/stages/<name>/`."""
@@ -292,6 +308,8 @@ class StageConfig:
     """The stage's held-out prompts (as `data.eval`); every stage is evaluated on every stage's set."""
     steps: Positive = 100
     """Optimizer steps of the stage."""
+    replay: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """The share of each step's prompts replayed from every earlier stage's training prompts (and `replay.data`), with the distributions of the model the stage starts from (`replay`); 0 = the `replay` section as it is."""
 
 
 @dataclass
@@ -322,6 +340,8 @@ class Config:
     """Metric sinks."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Where the actors run."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay against forgetting: a share of each step from prior tasks, trained to the starting model's distributions (off by default)."""
     stages: list[StageConfig] = field(default_factory=list)
     """Continual learning: stages run in order, each from the previous one's final weights, each evaluated on every stage's eval set, with a forgetting table at the end; empty = one run on `data.train` (see README)."""
 

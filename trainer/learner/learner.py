@@ -230,12 +230,13 @@ class Learner:
     def _teacher_targets(self, batch, teacher_prompts, scores) -> objectives.TeacherTargets:
         """Each rollout's teacher targets, from its task's teacher: scored here (a forward of the
         teacher on this rank) or by its engine (`scores`); a batch of several teachers is scored by
-        each on its own rollouts, then put back in order."""
+        each on its own rollouts, then put back in order. A cached record's targets came with it
+        (`scores`), as an engine's do."""
         teacher_of = {task: task_teacher(self.cfg, task) for task in {r.task for r in batch.rollouts}}
         groups: dict[tuple, list[int]] = {}
         for row, rollout in enumerate(batch.rollouts):
             teacher = teacher_of[rollout.task]
-            groups.setdefault((teacher.model, teacher.scorer), []).append(row)
+            groups.setdefault((None, "cache") if rollout.cached else (teacher.model, teacher.scorer), []).append(row)
         parts = []
         for (model, scorer), rows in groups.items():
             part = batch if len(groups) == 1 else objectives.micro_batch(

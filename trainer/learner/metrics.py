@@ -1,6 +1,10 @@
 """A learner step's statistics: summed over its tokens by the objectives, averaged here per token,
 and merged over the ranks weighted by their tokens. Per-task statistics (`distill/<task>/<name>`,
-with a teacher per task) are averaged over their task's tokens (`tokens/<task>`) instead."""
+with a teacher per task, and `distill/cache/loss`, the cached records') are averaged over their
+task's tokens (`tokens/<task>`) instead, and the health statistics, which compare the engines'
+sampling with the learner's, over the sampled tokens (`tokens/sampled`) when a step also trains on
+cached records.
+"""
 
 _PER_TASK_NAMES = ("loss", "kl")
 
@@ -13,15 +17,19 @@ def task_of(key: str) -> str | None:
     return head.removeprefix("distill/")
 
 
+def count_of(key: str, counts: dict[str, float]) -> str:
+    """The token count a statistic is averaged over (see the module docstring)."""
+    task = task_of(key)
+    if task is not None:
+        return f"tokens/{task}"
+    return "tokens/sampled" if key.startswith("health/") and "tokens/sampled" in counts else "tokens"
+
+
 def token_means(sums: dict[str, float]) -> dict[str, float]:
     """Per-token means of one rank's token sums; keeps the counts (`tokens`, `tokens/<task>`) for the merge."""
     counts = {key: value for key, value in sums.items() if key == "tokens" or key.startswith("tokens/")}
-    means = {}
-    for key, value in sums.items():
-        if key in counts:
-            continue
-        task = task_of(key)
-        means[key] = value / max(counts.get("tokens" if task is None else f"tokens/{task}", 0.0), 1.0)
+    means = {key: value / max(counts.get(count_of(key, counts), 0.0), 1.0)
+             for key, value in sums.items() if key not in counts}
     return means | {"tokens": max(counts.get("tokens", 0.0), 1.0)} | {k: v for k, v in counts.items() if k != "tokens"}
 
 
@@ -34,8 +42,7 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         task = task_of(key)
         if task is None and not key.startswith(("distill/", "health/", "rl/", "sft/")):
             continue
-        weight = "tokens" if task is None else f"tokens/{task}"
-        weights = [m.get(weight, 0.0) if key in m else 0.0 for m in per_rank]
+        weights = [m.get(count_of(key, m), 0.0) if key in m else 0.0 for m in per_rank]
         merged[key] = sum(m.get(key, 0.0) * w for m, w in zip(per_rank, weights)) / (sum(weights) or 1.0)
     merged["tokens"] = sum(m.get("tokens", 0.0) for m in per_rank)
     return merged

@@ -207,6 +207,19 @@ def divergence(cfg: Config, student_logits_TV: torch.Tensor, teacher: TeacherTar
     return losses.sampled_token_pg(lp.student_T, teacher.token_T, old_logprob_T=old, is_cap=loss_cfg.is_cap)
 
 
+def cached_divergence(student_topk_TK: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
+    """The loss on cached records (`trainer.cache`), [T]: forward KL(teacher ‖ student) over the
+    teacher's top-k plus the tail bucket, as in offline knowledge distillation, whatever
+    `loss.divergence` is for sampled rollouts. A cached completion was not sampled by the student,
+    so its positions follow the data's distribution, not the student's: the loss is a supervised
+    one on that data, and no importance weight applies (reweighting to the student's policy would
+    take the product of every earlier token's ratio, whose variance grows with the length). Reverse
+    KL's case, that the student is trained on the states it visits itself, does not hold here;
+    forward KL (cross-entropy to the teacher's soft targets) is the loss whose minimum on any
+    data is the teacher's distribution, mass-covering included."""
+    return losses.topk_divergence(student_topk_TK, teacher.topk_TK, kind="forward_kl", tail=True)
+
+
 def distill(student_logits_TV: torch.Tensor, batch: MicroBatch, cfg: Config,
             teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, float]]:
     """Self-distillation: the per-token divergence to the teacher, plus `loss.rl_coef` × the GRPO term."""
@@ -216,15 +229,20 @@ def distill(student_logits_TV: torch.Tensor, batch: MicroBatch, cfg: Config,
     student_topk = (losses.gather_logprobs(student_logits_TV, teacher.topk_ids_TK, lp.student_lse_T)
                     if teacher.topk_ids_TK.numel() else None)
     per_token = divergence(cfg, student_logits_TV, teacher, lp, student_topk)
+    cached_T = batch.per_rollout([r.cached for r in batch.rollouts]).bool()
+    if cached_T.any():
+        per_token = torch.where(cached_T, cached_divergence(student_topk, teacher), per_token)
     if loss_cfg.token_cap is not None:
         per_token = losses.cap_token_losses(per_token, loss_cfg.token_cap)
     if loss_cfg.is_cap is not None and loss_cfg.estimator != "sampled":
         # full and top-k take the expectation over y_t exactly, at prefixes the engine's policy drew:
         # the learner's policy may have moved since (train.async's lag, numerics), so each position
         # is reweighted by its prefix's truncated importance weight (the sampled estimator and the
-        # RL term weight their own token instead)
-        per_token = losses.prefix_importance_weights(lp.rollout_T, lp.engine_T, [len(c) for c in batch.completions],
-                                                     cap=loss_cfg.is_cap) * per_token
+        # RL term weight their own token instead). A cached record was drawn by no policy of the
+        # student's: weight 1 (see `cached_divergence`).
+        weights = losses.prefix_importance_weights(lp.rollout_T, lp.engine_T, [len(c) for c in batch.completions],
+                                                   cap=loss_cfg.is_cap)
+        per_token = torch.where(cached_T, 1.0, weights) * per_token
     # no distillation where the sibling context found no successful sibling; the RL term stays
     per_token = torch.where(batch.per_rollout([r.distill for r in batch.rollouts]), per_token, 0.0)
     loss_T = per_token if rl_T is None else per_token + loss_cfg.rl_coef * rl_T
@@ -238,7 +256,11 @@ def distill(student_logits_TV: torch.Tensor, batch: MicroBatch, cfg: Config,
             "distill/student_logprob": masked_sum(lp.student_T, mask_T).item(),
             "distill/student_entropy": masked_sum(losses.chunked_entropy(student_logits_TV), mask_T).item(),
         }
-        stats |= health_sums(lp, mask_T, loss_cfg.is_cap)
+        sampled_T = mask_T & ~cached_T
+        stats |= health_sums(lp, sampled_T, loss_cfg.is_cap)
+        if cached_T.any():  # the engines' health is the sampled tokens'; the cached records' own loss curve
+            stats |= {"tokens/sampled": sampled_T.sum().item(), "tokens/cache": (mask_T & cached_T).sum().item(),
+                      "distill/cache/loss": masked_sum(per_token, mask_T & cached_T).item()}
         if cfg.teachers:  # a teacher per task: each task's own curves
             for task in sorted({r.task for r in batch.rollouts}):
                 task_T = batch.per_rollout([r.task == task for r in batch.rollouts]).bool() & mask_T

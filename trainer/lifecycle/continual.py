@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from core.errors import ConfigError
+from trainer.cache.replay import replay_sets
 from trainer.cluster.warm import WarmActors
 from trainer.config import Config, config_from_dict, config_to_dict, dump_config, load_config
 from trainer.data.records import fingerprint, load_examples
@@ -52,7 +53,34 @@ def lineage(checkpoint: Path, cfg: Config) -> dict:
                  "data": state.get("data"), "data_fingerprint": state.get("data_fingerprint")},
         "data": {"train": str(cfg.data.train), "fingerprint": fingerprint(train_set), "eval": eval_list(cfg.data.eval)},
         "ancestors": json.loads(parent_lineage.read_text()) if parent_lineage.is_file() else None,
+        "replay": replay_record(cfg),
     }
+
+
+def replay_record(cfg: Config) -> dict | None:
+    """What a run replays (None: nothing), for its lineage and the forgetting table."""
+    if cfg.replay.fraction <= 0:
+        return None
+    return {"data": replay_sets(cfg), "fraction": cfg.replay.fraction, "teacher_format": cfg.replay.teacher_format,
+            "prompts_per_set": cfg.replay.prompts, "cache": str(Path(cfg.output_dir) / cfg.name / "replay")}
+
+
+def replay_overrides(specs: list[str], default_fraction: float = 0.25) -> list[str]:
+    """`adapt --replay PRIOR[:FRACTION]` (repeatable) as config overrides of the `replay` section."""
+    if not specs:
+        return []
+    paths, fractions = [], set()
+    for spec in specs:
+        path, _, fraction = spec.rpartition(":")
+        try:  # a path may hold ':' itself; only a number after the last one is a share
+            fractions.add(float(fraction))
+        except ValueError:
+            path = spec
+            fractions.add(default_fraction)
+        paths.append(path)
+    if len(fractions) > 1:
+        raise ConfigError(f"--replay: one share for all prior sets, got {sorted(fractions)}")
+    return [f"replay.data=[{', '.join(json.dumps(p) for p in paths)}]", f"replay.fraction={fractions.pop()}"]
 
 
 def write_lineage(cfg: Config, checkpoint: Path) -> dict:
@@ -94,7 +122,7 @@ def adapt(checkpoint: str | Path, data: str, eval_sets: list[str] | None = None,
     summary = train(cfg, resume)
     run_dir = Path(summary["run_dir"])
     table = forgetting_table([(f"from {checkpoint.parent.parent.name}/{checkpoint.name}", summary["start"]),
-                              (cfg.name, summary["end"])])
+                              (cfg.name, summary["end"])], replay={cfg.name: replay_record(cfg)})
     write_forgetting(run_dir, table)
     return summary | {"forgetting": table}
 
@@ -111,6 +139,9 @@ def stage_config(cfg: Config, index: int, model_path: str, tokenizer: str | None
     evals = eval_list(cfg.data.eval) + [s.eval for s in cfg.stages if s.eval]
     data["data"].update(train=stage.train, eval=list(dict.fromkeys(evals)) or None)
     data["train"]["steps"] = stage.steps
+    if stage.replay:  # every earlier stage's prompts (and the replay section's), at this stage's share
+        earlier = [s.train for s in cfg.stages[:index]] + replay_sets(cfg)
+        data["replay"].update(data=list(dict.fromkeys(earlier)) or None, fraction=stage.replay)
     return config_from_dict(data)
 
 
@@ -122,7 +153,7 @@ def run_stages(cfg: Config, resume: str = "auto") -> dict:
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    model_path, tokenizer, rows, summaries = cfg.model.path, cfg.model.tokenizer, [], []
+    model_path, tokenizer, rows, summaries, replays = cfg.model.path, cfg.model.tokenizer, [], [], {}
     warm = WarmActors()  # each stage takes over the previous stage's engines and learners
     try:
         for index, stage in enumerate(cfg.stages):
@@ -135,12 +166,13 @@ def run_stages(cfg: Config, resume: str = "auto") -> dict:
             if not rows:
                 rows.append(("start", summary["start"]))
             rows.append((stage.name, summary["end"]))
+            replays[stage.name] = replay_record(stage_cfg)
             summaries.append(summary)
-            write_forgetting(run_dir, forgetting_table(rows))
+            write_forgetting(run_dir, forgetting_table(rows, replays))
             model_path, tokenizer = summary["checkpoint"], None
     finally:
         warm.close()
-    table = forgetting_table(rows)
+    table = forgetting_table(rows, replays)
     summary = {"run_dir": str(run_dir), "checkpoint": model_path, "stages": summaries, "forgetting": table}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -150,9 +182,10 @@ def run_stages(cfg: Config, resume: str = "auto") -> dict:
 # The forgetting table (pure)
 # ----------------------------------------------------------------------------------------------
 
-def forgetting_table(rows: list[tuple[str, dict[str, float]]]) -> dict:
+def forgetting_table(rows: list[tuple[str, dict[str, float]]], replay: dict[str, dict | None] | None = None) -> dict:
     """Accuracy per (row, task) from `eval/<task>/accuracy` metrics, and per task its best row and
-    the drop from that best to the last row."""
+    the drop from that best to the last row; with the privileged context (`teacher_accuracy`) where
+    it was measured; and what each row's run replayed (`replay`, by row name)."""
     accuracy = {name: {key.split("/")[1]: value for key, value in metrics.items()
                        if key.startswith("eval/") and key.endswith("/accuracy")}
                 for name, metrics in rows}
@@ -165,7 +198,10 @@ def forgetting_table(rows: list[tuple[str, dict[str, float]]]) -> dict:
         last = accuracy[final].get(task)
         drop[task] = {"best": best, "best_at": best_at, "final": last,
                       "drop": None if last is None else best - last}
-    return {"rows": [name for name, _ in rows], "tasks": tasks, "accuracy": accuracy, "drop": drop}
+    teacher = {name: {key.split("/")[1]: value for key, value in metrics.items()
+                      if key.startswith("eval/") and key.endswith("/teacher_accuracy")} for name, metrics in rows}
+    return {"rows": [name for name, _ in rows], "tasks": tasks, "accuracy": accuracy, "drop": drop,
+            "teacher_accuracy": teacher, "replay": {name: r for name, r in (replay or {}).items() if r}}
 
 
 def forgetting_markdown(table: dict) -> str:
@@ -176,6 +212,17 @@ def forgetting_markdown(table: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     drops = ["–" if d["drop"] is None else f"{100 * d['drop']:.1f} pts" for d in (table["drop"][t] for t in tasks)]
     lines.append("| **drop from best** | " + " | ".join(drops) + " |")
+    teacher = table.get("teacher_accuracy", {})
+    if any(teacher.values()):
+        lines += ["", "Shown the privileged context (the teacher each model carries into its next adaptation):", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name in table["rows"]:
+            cells = [f"{teacher[name][t]:.1%}" if t in teacher.get(name, {}) else "–" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, replay in table.get("replay", {}).items():
+        sets = ", ".join(replay["data"]) or "no prior set"
+        lines.append(f"\n{name} replayed {replay['fraction']:.0%} of each step: {sets}"
+                     + (", and the teacher's format" if replay["teacher_format"] else ""))
     return "\n".join(lines) + "\n"
 
 

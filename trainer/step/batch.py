@@ -145,6 +145,8 @@ class StepBatch:
 def prepare_batch(cfg: Config, reward_fns: dict, examples: list[Example], rollouts: list[Rollout],
                   encoded: EncodedPrompts, tokenizer) -> StepBatch:
     """Rewards and their curves, then what the mode makes of the rollouts (see the module docstring)."""
+    if not rollouts:  # a step trained from a teacher cache alone
+        return StepBatch([], [], {}, [])
     metrics: dict[str, float] = {}
     table = None
     rewards: list[dict[str, float]] = [{} for _ in rollouts]

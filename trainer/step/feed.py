@@ -80,7 +80,7 @@ class RolloutFeed:
             examples, _ = self._draw(dataset)
             rollouts = self.sample(examples, version, step)
         metrics = {}
-        if self.max_lag is not None:
+        if self.max_lag is not None and rollouts:  # none: the step trains from a teacher cache alone
             metrics["async/policy_lag"] = float(check_policy_lag({r.policy_version for r in rollouts}, version,
                                                                  self.max_lag))
         return examples, rollouts, metrics

@@ -39,7 +39,9 @@ def collect_rollouts(cfg: Config, students: EnginePool, frozen: EnginePool | Non
                      adapter: str | None = None) -> list[Rollout]:
     """The completions this step trains on: the student's samples (served as `adapter` under LoRA
     adapter sync); the frozen starting model's (ssd, at policy version 0 forever); or the
-    demonstrations themselves (sft)."""
+    demonstrations themselves (sft). Nothing for no prompts (a step trained from a teacher cache alone)."""
+    if not examples:
+        return []
     if cfg.loss.mode == "sft":
         return demonstration_rollouts(examples, encoded, tokenizer, cfg.loss.sft_target, version)
     if cfg.loss.mode == "ssd":
