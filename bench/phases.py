@@ -5,6 +5,7 @@
     python bench/phases.py --sizes toy --steps 10     # a quick look
     python bench/phases.py --compare-colocate         # and engines inside the learner (rollout.colocate)
     python bench/phases.py --sizes toy --compare-colocate --colocate-backend vllm
+    python bench/phases.py --sizes toy --compare-cache  # training from a teacher cache vs live scoring
 
 At each size (bench/peer_trl.py's: the toy, about 4-token completions; the 20M `bench` model,
 128-token completions; 64 prompts per step; selfdistill's side of that comparison, i.e. a student
@@ -33,12 +34,19 @@ engine, one ZeRO-2 learner and the full-vocabulary teacher on the learner):
    tokens trained per second and the weight sync's seconds per step (object store, against a
    version stamp or an in-process reload).
 
+5. With `--compare-cache`, steps per second trained from a teacher cache alone (`teacher.cache`,
+   `cache_fraction=1`: no sampling, no scoring, no teacher engine) against live teacher scoring of
+   the student's own samples (vLLM engines, the teacher scoring top-k on an engine) on the same
+   prompts; the cache is `selfdistill score` of the model's samples of those prompts, written first
+   (its time is printed, not counted).
+
 Last lines (the `bench` size's, whose 128-token completions are closer to a real model's; each
 size's own numbers are printed above them):
 
     phases: step_s=… sum_of_phases_s=… overhead_ratio=…
     async: sync_tps=… async_tps=… ratio=…
     colocate: size=… separate_tps=… colocated_tps=… ratio=… separate_sync_s=… colocated_sync_s=…   (a line per size)
+    cache: size=… live_steps_per_s=… cached_steps_per_s=… ratio=…   (a line per size)
 """
 
 import argparse
@@ -86,6 +94,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="steps run first and not counted (default: 2 toy, 1 bench)")
     parser.add_argument("--compare-async", action="store_true")
     parser.add_argument("--compare-colocate", action="store_true")
+    parser.add_argument("--compare-cache", action="store_true")
     parser.add_argument("--colocate-backend", choices=["transformers", "vllm"], default="transformers",
                         help="the engines' backend on both sides of --compare-colocate")
     parser.add_argument("--out", default=str(ROOT / "runs" / "phases"))
@@ -126,6 +135,12 @@ def main():
                   f"{separate['tps']:.0f} tokens/s; colocated: step {colocated['step']:.3f}s sync "
                   f"{colocated['sync']:.4f}s {colocated['tps']:.0f} tokens/s: ratio "
                   f"{colocated['tps'] / separate['tps']:.3f}", flush=True)
+        if args.compare_cache:
+            sync["cache"] = compare_cache(size, out, warmup, steps)
+            live, cached, scoring_s = sync["cache"]
+            print(f"[{size}] live teacher: step {live['step']:.3f}s ({1 / live['step']:.2f} steps/s); from the cache: "
+                  f"step {cached['step']:.3f}s ({1 / cached['step']:.2f} steps/s): ratio {live['step'] / cached['step']:.3f} "
+                  f"(writing the cache took {scoring_s:.0f} s)", flush=True)
         results[size] = sync
     print(f"wall time {time.perf_counter() - started:.0f} s; runs in {out}")
     last = results[args.sizes[-1]]
@@ -140,6 +155,30 @@ def main():
             print(f"colocate: size={size} separate_tps={separate['tps']:.1f} colocated_tps={colocated['tps']:.1f} "
                   f"ratio={colocated['tps'] / separate['tps']:.3f} separate_sync_s={separate['sync']:.4f} "
                   f"colocated_sync_s={colocated['sync']:.4f}")
+    if args.compare_cache:
+        for size in args.sizes:
+            live, cached, _ = results[size]["cache"]
+            print(f"cache: size={size} live_steps_per_s={1 / live['step']:.3f} cached_steps_per_s={1 / cached['step']:.3f} "
+                  f"ratio={live['step'] / cached['step']:.3f}")
+
+
+def compare_cache(size: str, out: Path, warmup: int, steps: int) -> tuple[dict, dict, float]:
+    """Live scoring and training from a cache of the same prompts, and the seconds the cache took
+    to write. Both score top-k on engines (a cache holds no full distribution)."""
+    from trainer.cache.scoring import score_dataset
+    engines = ["rollout.backend=vllm", "teacher.scorer=engine", "loss.estimator=topk", "loss.topk=20"]
+    live = run(config(size, f"{size}-live", out, warmup + steps, *engines), warmup)
+    cfg = config(size, f"{size}-score", out, 1, *engines)
+    prompts = out / f"{size}-prompts.jsonl"
+    lines = Path(cfg.data.train).read_text().splitlines(True)
+    prompts.write_text("".join(lines[:cfg.train.prompts_per_step * (warmup + steps)]))
+    cache = out / f"{size}-cache"
+    began = time.perf_counter()
+    score_dataset(config(size, f"{size}-score", out, 1, *engines, f"data.train={prompts}"), cache, "samples")
+    scoring_s = time.perf_counter() - began
+    cached = run(config(size, f"{size}-cached", out, warmup + steps, *engines, f"data.train={prompts}",
+                        f"teacher.cache={cache}", "teacher.cache_fraction=1.0"), warmup)
+    return live, cached, scoring_s
 
 
 if __name__ == "__main__":

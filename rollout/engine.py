@@ -65,11 +65,18 @@ class RolloutEngine:
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": self.MAX_ADAPTERS} \
             if max_lora_rank else {}
         sleep = {"enable_sleep_mode": True} if sleep_mode else {}
+        # A prompt prefilled in chunks has the token sampled at its partial step thrown away, and
+        # vLLM rewinds a seeded request's generator by its CUDA offset: a CPU generator has none
+        # ("CPU Generator does not use offset"), so any seeded batch whose prompts exceed one
+        # step's token budget fails on CPU. Whole prompts per step (the budget at least
+        # max_model_len) never throw a sample away.
+        whole_prompts = {} if on_gpu else {"enable_chunked_prefill": False,
+                                           "max_num_batched_tokens": max(max_model_len or _longest(model_path), 8192)}
         self.llm = LLM(model=model_path, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=not on_gpu, max_logprobs=max(max_logprobs, 1),
                        logprobs_mode="processed_logprobs",  # the sampling distribution; see rollout.batch
                        use_tqdm_on_load=False,  # a redrawn bar is carriage-return noise in the driver's log
-                       **memory, **lora, **sleep)
+                       **memory, **lora, **sleep, **whole_prompts)
         self.policy_version = 0
         self._adapters = {}  # name -> LoRARequest
         self._adapter_dir = tempfile.mkdtemp(prefix="selfdistill-adapters-") if max_lora_rank else None
@@ -152,6 +159,12 @@ class RolloutEngine:
 
     def version(self) -> int:
         return self.policy_version
+
+
+def _longest(model_path: str) -> int:
+    """The model's own longest sequence (vLLM's max_model_len when none is given)."""
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 0) or 0
 
 
 def _teacher_scores(prompt_logprobs: list, sequence: list[int], start: int, topk: int) -> TeacherScores:

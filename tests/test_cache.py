@@ -181,3 +181,44 @@ def test_a_filled_cache_resumes_and_trains_to_the_live_scores_loss(toy_world, vl
     live_loss, cached_loss = step_loss(rollouts(False), live), step_loss(rollouts(True), stored)
     assert cached_loss == pytest.approx(live_loss, rel=2e-3)  # fp16 logprobs: about 3 significant digits
     assert live_loss > 1.0  # the base does not know these sums: a loss worth comparing
+
+
+@pytest.mark.slow
+def test_score_then_train_from_the_cache_alone_without_a_teacher_engine(toy_world, small_eval, tmp_path, warm_actors):
+    """`selfdistill score` of the demonstrations, then a run trained from the cache alone
+    (`teacher.cache_fraction=1`): no teacher engine, nothing sampled, the cached loss falls; a run
+    whose teacher differs from the cache's is refused before anything starts."""
+    from trainer.cache.scoring import score_dataset
+    from trainer.loop import train
+    from trainer.monitoring.metrics import read_metrics
+    data = tmp_path / "train64.jsonl"
+    data.write_text("".join((toy_world / "data" / "addition" / "train.jsonl").read_text().splitlines(True)[:64]))
+    common = [f"model.path={toy_world / 'model'}", f"data.train={data}", f"data.eval={small_eval}",
+              f"output_dir={tmp_path}", "train.prompts_per_step=16", "learner.micro_batch=16", "learner.warmup_steps=0",
+              "train.save_every=0", "log.samples_every=0"]
+    manifest = score_dataset(load_config(ROOT / "configs" / "toy.yaml", common), tmp_path / "cache", "demonstrations",
+                             shard_size=32)
+    assert manifest["complete"] and manifest["records"] == 64 and len(manifest["shards"]) == 2
+    assert manifest["identity"]["completions"] == {"source": "demonstrations"}
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(toy_world / "model")
+    first = json.loads(data.read_text().splitlines()[0])
+    assert TeacherCache(tmp_path / "cache")[0].completion_ids == \
+        tokenizer(first["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    cfg = load_config(ROOT / "configs" / "toy.yaml", [*common, "name=from-cache", f"teacher.cache={tmp_path / 'cache'}",
+                                                      "teacher.cache_fraction=1.0", "train.steps=6",
+                                                      "train.eval_every=3"])
+    summary = train(cfg, warm=warm_actors)
+    placement = json.loads((tmp_path / "from-cache" / "placement.json").read_text())
+    assert placement["teacher_engines"] == [], placement
+    metrics = read_metrics(tmp_path / "from-cache")
+    steps = [m for m in metrics if m["step"] > 0]
+    assert all("rollout/len_mean" not in m and m["distill/cache/loss"] == pytest.approx(m["distill/loss"])
+               for m in steps)
+    assert steps[-1]["distill/cache/loss"] < steps[0]["distill/cache/loss"]
+    assert "eval/addition/teacher_accuracy" in metrics[-1] and summary["steps"] == 6
+
+    with pytest.raises(ConfigError, match=r"teacher.cache .*what differs:\n  k: the cache has 20, the run 10"):
+        train(load_config(ROOT / "configs" / "toy.yaml", [*common, "name=other-k", f"teacher.cache={tmp_path / 'cache'}",
+                                                          "loss.topk=10"]))

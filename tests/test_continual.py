@@ -259,9 +259,11 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
         rollout: {{max_tokens: 8}}
         learner: {{lr: 1.0e-3, micro_batch: 16}}
         train: {{prompts_per_step: 16, eval_every: 0}}
+        replay: {{prompts: 16}}
         stages:
           - {{name: add, train: {toy_world / 'data' / 'addition' / 'train.jsonl'}, eval: {evals['addition']}, steps: 3}}
-          - {{name: sub, train: {toy_world / 'data' / 'subtraction' / 'train.jsonl'}, eval: {evals['subtraction']}, steps: 3}}
+          - {{name: sub, train: {toy_world / 'data' / 'subtraction' / 'train.jsonl'}, eval: {evals['subtraction']}, steps: 3,
+              replay: 0.25}}
         """))
     log = _finish(_cli("train", str(config), log=tmp_path / "stages.log", ray_address=ray_address), tmp_path / "stages.log")
     table = json.loads((tmp_path / "seq" / "forgetting.json").read_text())
@@ -274,6 +276,18 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
     assert "drop from best" in (tmp_path / "seq" / "forgetting.md").read_text() and "drop from best" in log
     lineage = json.loads((tmp_path / "seq" / "stages" / "sub" / "lineage.json").read_text())
     assert lineage["from"]["checkpoint"].endswith("stages/add/checkpoints/step_3")
+    # stage 2 replayed stage 1's prompts (16, as the student sees them) and both stages' in the teacher's
+    # format (16 each), scored by stage 1's final model when stage 2 started; 4 of each step's 16 prompts
+    addition_train = str(toy_world / "data" / "addition" / "train.jsonl")
+    assert lineage["replay"]["data"] == [addition_train] and lineage["replay"]["fraction"] == 0.25
+    replay = json.loads((tmp_path / "seq" / "stages" / "sub" / "replay" / "manifest.json").read_text())
+    assert replay["complete"] and replay["records"] == 48 and replay["identity"]["template"] == "{prompt}"
+    sub_steps = [m for m in read_metrics(tmp_path / "seq" / "stages" / "sub") if m["step"] > 0]
+    assert all(m["distill/cache/loss"] >= 0 for m in sub_steps) and "distill/cache/loss" not in \
+        read_metrics(tmp_path / "seq" / "stages" / "add")[-1]
+    assert table["replay"] == {"sub": lineage["replay"]} and "sub replayed 25% of each step" in \
+        (tmp_path / "seq" / "forgetting.md").read_text()
+    assert set(table["teacher_accuracy"]["sub"]) == {"addition", "subtraction"}  # the teacher each model carries
     # stage 2 started from stage 1's weights: its step-0 accuracy is stage 1's final one
     assert read_metrics(tmp_path / "seq" / "stages" / "sub")[0]["eval/addition/accuracy"] == \
         read_metrics(tmp_path / "seq" / "stages" / "add")[-1]["eval/addition/accuracy"]
@@ -288,12 +302,16 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
     log = _finish(_cli("adapt", "--from", str(tmp_path / "seq" / "stages" / "add"),
                        "--data", str(toy_world / "data" / "subtraction" / "train.jsonl"),
                        "--eval", str(evals["subtraction"]), "--eval-prior", str(evals["addition"]),
-                       "train.steps=2", "name=adapted", log=tmp_path / "adapt.log", ray_address=ray_address), tmp_path / "adapt.log")
+                       "--replay", f"{evals['addition']}:0.5", "train.steps=2", "name=adapted", "replay.prompts=8",
+                       "replay.teacher_format=false", log=tmp_path / "adapt.log", ray_address=ray_address),
+                  tmp_path / "adapt.log")
     run = tmp_path / "seq" / "stages" / "adapted"
     lineage = json.loads((run / "lineage.json").read_text())
     assert lineage["from"]["step"] == 3 and lineage["data"]["train"].endswith("subtraction/train.jsonl")
     assert lineage["data"]["fingerprint"] != lineage["from"]["data_fingerprint"]
     assert lineage["ancestors"] is None  # stage 1 started from the base model
+    assert lineage["replay"]["data"] == [str(evals["addition"])] and lineage["replay"]["fraction"] == 0.5
+    assert json.loads((run / "replay" / "manifest.json").read_text())["records"] == 8
     config_used = load_config(run / "config.yaml")
     assert config_used.model.path.endswith("stages/add/checkpoints/step_3/hf")
     assert read_metrics(run)[0]["eval/addition/accuracy"] == read_metrics(tmp_path / "seq" / "stages" / "add")[-1][

@@ -79,7 +79,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"selfdistill: {summary['steps']} steps in {summary['seconds']:.0f} s"]
     for key, start in summary["start"].items():
         if key.endswith("/teacher_accuracy"):
-            lines.append(f"  {key.split('/')[1]:<12} teacher accuracy (privileged context): {start:.1%}")
+            end = summary["end"].get(key)  # the student shown the context: the teacher it carries on
+            lines.append(f"  {key.split('/')[1]:<12} teacher accuracy (privileged context): {start:.1%}"
+                         + (f" at step 0 -> {end:.1%} (the student's own) at step {summary['steps']}"
+                            if end is not None and summary["steps"] else ""))
         else:
             end = summary["end"].get(key, float("nan"))
             lines.append(f"  {key.split('/')[1]:<12} student accuracy: {start:.1%} at step 0 -> {end:.1%} at step {summary['steps']}")

@@ -139,9 +139,10 @@ def stage_config(cfg: Config, index: int, model_path: str, tokenizer: str | None
     evals = eval_list(cfg.data.eval) + [s.eval for s in cfg.stages if s.eval]
     data["data"].update(train=stage.train, eval=list(dict.fromkeys(evals)) or None)
     data["train"]["steps"] = stage.steps
-    if stage.replay:  # every earlier stage's prompts (and the replay section's), at this stage's share
+    if stage.replay:  # every earlier stage's prompts (and the replay section's) but this stage's own, at its share
         earlier = [s.train for s in cfg.stages[:index]] + replay_sets(cfg)
-        data["replay"].update(data=list(dict.fromkeys(earlier)) or None, fraction=stage.replay)
+        data["replay"].update(data=[p for p in dict.fromkeys(earlier) if p != stage.train] or None,
+                              fraction=stage.replay)
     return config_from_dict(data)
 
 

@@ -15,6 +15,8 @@ import rewards
 from core.errors import ConfigError
 from rollout.pool import EnginePool
 from rollout.weights import ObjectStoreTransport
+from trainer.cache.identity import RUN_KEYS, teacher_identity
+from trainer.cache.store import check_identity, read_manifest
 from trainer.cluster.colocated import ColocatedPool
 from trainer.cluster.engines import build_engines
 from trainer.cluster.learners import LearnerGroup
@@ -22,7 +24,7 @@ from trainer.cluster.placement import has_gpus, placement_report, start_ray
 from trainer.cluster.warm import WarmActors, engine_key, holds_own_weights, learner_key
 from trainer.config import Config, config_to_dict
 from trainer.config.implied import (colocated, external_models, external_role, needs_teacher_engine, quantized_student,
-                                    task_teacher)
+                                    scores_live, task_teacher)
 from trainer.data.prompts import EncodedPrompts, drop_overlong, encode_prompts
 from trainer.data.records import DataReport, Example, fingerprint, load_eval_sets, load_examples
 from trainer.data.sampler import PromptSampler
@@ -56,6 +58,9 @@ def load_inputs(cfg: Config) -> Inputs:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     for model in external_models(cfg):
         check_external_teacher(cfg, model, tokenizer)
+    if cfg.teacher.cache is not None:  # refused before any actor starts when it was made for another run
+        check_identity(cfg.teacher.cache, read_manifest(cfg.teacher.cache), teacher_identity(cfg, tokenizer), RUN_KEYS,
+                       "teacher.cache")
     train_set, train_report = load_examples(cfg.data.train, cfg.data.columns, cfg.data.on_invalid)
     eval_set, eval_report = load_eval_sets(cfg.data.eval, cfg.data.columns, cfg.data.on_invalid)
     refuse_unknown_tasks(cfg, train_set + eval_set, cfg.data.train)
@@ -137,7 +142,7 @@ def start_actors(cfg: Config, run_dir: Path, warm: WarmActors | None = None) -> 
                           "set rollout.sleep=false")
     # SSD samples the frozen starting model on `rollout.engines` engines; one student engine evaluates
     ssd = cfg.loss.mode == "ssd"
-    externals = external_models(cfg, "engine")
+    externals = external_models(cfg, "engine") if scores_live(cfg) else []  # a cache alone needs no teacher engine
     in_learners = {"student", "teacher"} if colocated(cfg) else set()
     wanted = [("student", 1 if ssd else cfg.rollout.engines, True), ("frozen", cfg.rollout.engines, ssd),
               ("teacher", 1, needs_teacher_engine(cfg))] + [(external_role(cfg, m), 1, True) for m in externals]
