@@ -158,7 +158,7 @@ def _kill_engines_mid_generate(run: subprocess.Popen, run_dir, after_steps, kill
 
 def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_is_lost(toy_world, small_eval,
                                                                                          tmp_path):
-    """Three SIGKILLs of rollout engines in the middle of generation, in one `selfdistill train` run
+    """Two SIGKILLs of rollout engines in the middle of generation, in one `selfdistill train` run
     with fake secrets in its environment: the run finishes, every step trained on exactly the prompts
     the sampler drew (rollouts.jsonl), each restarted engine sampled with the current weights (the
     engine/learner logprob gap stays ~1e-6), and no secret appears in anything the run wrote."""
@@ -172,7 +172,7 @@ def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_
     dirty = tmp_path / "train.jsonl"
     dirty.write_bytes(clean + b"\n".join(bad) + b"\n")
     overrides = [f"model.path={toy_world / 'model'}", f"data.train={dirty}", "data.on_invalid=skip",
-                 f"data.eval={small_eval}", f"output_dir={tmp_path}", "name=kills", "train.steps=8",
+                 f"data.eval={small_eval}", f"output_dir={tmp_path}", "name=kills", "train.steps=6",
                  "train.prompts_per_step=8", "rollout.n=2", "rollout.engines=2", "rollout.max_restarts=3",
                  "learner.num=1", "learner.micro_batch=16", "learner.warmup_steps=0", "teacher.weights=live",
                  "teacher.scorer=engine", "train.eval_every=0", "log.samples_every=1"]
@@ -181,34 +181,34 @@ def test_engines_killed_mid_step_are_restarted_with_current_weights_and_nothing_
     run = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(ROOT / "configs" / "toy.yaml"), *overrides],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: list[dict] = []
-    killer = threading.Thread(target=_kill_engines_mid_generate, args=(run, run_dir, (1, 3, 5), killed), daemon=True)
+    killer = threading.Thread(target=_kill_engines_mid_generate, args=(run, run_dir, (1, 3), killed), daemon=True)
     killer.start()
     stdout, stderr = run.communicate(timeout=1500)
     killer.join(timeout=5)
     assert run.returncode == 0, stderr[-5000:]
-    assert len(killed) == 3 and all(k["saw_secret"] for k in killed), killed  # the engines had the secrets
+    assert len(killed) == 2 and all(k["saw_secret"] for k in killed), killed  # the engines had the secrets
 
     # every step trained on exactly the prompts the sampler drew, each rollout.n=2 times, in order
     train_set, _ = load_examples(toy_world / "data" / "addition" / "train.jsonl")
     sampler = PromptSampler(len(train_set), seed=0)
     records = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(1, 7))
     for record in records:
         drawn = [train_set[i].id for i in sampler.next_indices(8)]
         assert record["example_ids"] == [i for i in drawn for _ in range(2)], record["step"]
         assert record["version"] == record["step"] - 1
 
     restarts = [(r["step"], x) for r in records for x in r["restarts"]]
-    assert len(restarts) == 3, restarts
+    assert len(restarts) == 2, restarts
     for (step, restart), kill in zip(restarts, killed):
         assert step > kill["after_step"] and restart["lost"] == "generate of 4 items" and restart["version"] == step - 1
         assert f"{restart['engine']} died during generate of 4 items" in stderr
     metrics = read_metrics(run_dir)
-    assert metrics[-1]["health/engine_restarts"] == 3 and metrics[-1]["health/skipped_steps"] == 0
+    assert metrics[-1]["health/engine_restarts"] == 2 and metrics[-1]["health/skipped_steps"] == 0
     # a restarted engine with the base weights would be ~1e-2 away from the learner after step 1
     assert all(m["health/engine_trainer_logprob_gap"] < 1e-4 for m in metrics[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["health"] == {"skipped_steps": 0, "engine_restarts": 3}
+    assert summary["health"] == {"skipped_steps": 0, "engine_restarts": 2}
     data = summary["data"]["train"]
     assert (data["kept"], data["skipped"]) == (len(train_set), 5)
     lines = len(clean.splitlines())

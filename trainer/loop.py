@@ -139,8 +139,7 @@ def _evaluate(cfg: Config, actors: Actors, inputs: Inputs, version: int, adapter
     which a user sees decay while it happens."""
     own = [e for e in inputs.eval_set if task_teacher(cfg, e.task).model is None]
     return evaluate(actors.students, inputs.eval_set, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match, version,
-                    adapter=adapter) | evaluate(actors.students, own, inputs.encoded_eval, inputs.tokenizer, cfg,
-                                                answer_match, version, teacher=True, adapter=adapter)
+                    adapter=adapter, shown_context=own)
 
 
 def _evaluate_start(cfg: Config, actors: Actors, inputs: Inputs, version: int, student_adapter: str | None,

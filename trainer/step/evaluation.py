@@ -10,23 +10,24 @@ from trainer.data.records import Example
 
 
 def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
-             version: int, teacher: bool = False, adapter: str | None = None) -> dict[str, float]:
+             version: int, teacher: bool = False, adapter: str | None = None,
+             shown_context: list[Example] = ()) -> dict[str, float]:
     """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
-    `eval/<task>/teacher_accuracy` with the teacher prompt."""
-    if not examples:
+    `eval/<task>/teacher_accuracy` with the teacher prompt. `shown_context`: more examples
+    evaluated with the teacher prompt in the same engine call (one round of decoding for both)."""
+    views = [(example, teacher) for example in examples] + [(example, True) for example in shown_context]
+    if not views:
         return {}
-    ids = encoded.teacher if teacher else encoded.student
-    rollouts = pool.generate([ids[e.id] for e in examples], [e.id for e in examples],
-                             expected_version=version, n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0,
-                             adapter=adapter)
+    rollouts = pool.generate([(encoded.teacher if shown else encoded.student)[e.id] for e, shown in views],
+                             [e.id for e, _ in views], expected_version=version, n=1,
+                             max_tokens=cfg.rollout.max_tokens, temperature=0.0, adapter=adapter)
     completions = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    scores = answer_fn([e.prompt for e in examples], completions, answer=[e.answer for e in examples])
-    per_task = defaultdict(list)
-    for example, score in zip(examples, scores, strict=True):
+    scores = answer_fn([e.prompt for e, _ in views], completions, answer=[e.answer for e, _ in views])
+    per_key = defaultdict(list)
+    for (example, shown), score in zip(views, scores, strict=True):
         if score is not None:
-            per_task[example.task].append(score)
-    name = "teacher_accuracy" if teacher else "accuracy"
-    return {f"eval/{task}/{name}": statistics.fmean(values) for task, values in per_task.items()}
+            per_key[f"eval/{example.task}/{'teacher_accuracy' if shown else 'accuracy'}"].append(score)
+    return {key: statistics.fmean(values) for key, values in per_key.items()}
 
 
 def saved_model_accuracy(model_dir, eval_file, max_tokens: int = 8) -> float:
