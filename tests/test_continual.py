@@ -1,5 +1,6 @@
 """Exact resume, SIGTERM, atomic checkpoints, changed data, `adapt`, stage sequences and the
-forgetting table. The end-to-end tests drive the real CLI in subprocesses, as a scheduler would."""
+forgetting table. The end-to-end tests drive the real CLI: the SIGTERM test in a process of its own,
+stopped as a scheduler stops it; the stage sequence and `adapt` in this process, on warm actors."""
 
 import json
 import logging
@@ -242,8 +243,10 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(toy_world, small_eval,
 
 
 @pytest.mark.slow
-def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path, ray_address,
+def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkpoint(toy_world, tmp_path, warm_actors,
                                                                                     caplog, capsys):
+    """The CLI's `train` of a stage sequence, then `adapt`, in this process on actors taken over from
+    earlier runs (the SIGTERM test drives the CLI in a process of its own)."""
     evals = {}
     for task in ("addition", "subtraction"):
         lines = (toy_world / "data" / task / "eval.jsonl").read_text().splitlines(True)[:32]
@@ -265,7 +268,8 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
           - {{name: sub, train: {toy_world / 'data' / 'subtraction' / 'train.jsonl'}, eval: {evals['subtraction']}, steps: 3,
               replay: 0.25}}
         """))
-    log = _finish(_cli("train", str(config), log=tmp_path / "stages.log", ray_address=ray_address), tmp_path / "stages.log")
+    assert cli.main(["train", str(config)], warm=warm_actors) == 0
+    log = capsys.readouterr().out
     table = json.loads((tmp_path / "seq" / "forgetting.json").read_text())
     assert table["rows"] == ["start", "add", "sub"] and table["tasks"] == ["addition", "subtraction"]
     start = read_metrics(tmp_path / "seq" / "stages" / "add")[0]
@@ -299,12 +303,12 @@ def test_two_stages_write_the_forgetting_table_and_adapt_continues_from_a_checkp
     assert caplog.text.count("nothing to do") == 2 and "drop from best" in capsys.readouterr().out
 
     # adapt from the first stage's final checkpoint to subtraction, with the addition set as the prior task
-    log = _finish(_cli("adapt", "--from", str(tmp_path / "seq" / "stages" / "add"),
-                       "--data", str(toy_world / "data" / "subtraction" / "train.jsonl"),
-                       "--eval", str(evals["subtraction"]), "--eval-prior", str(evals["addition"]),
-                       "--replay", f"{evals['addition']}:0.5", "train.steps=2", "name=adapted", "replay.prompts=8",
-                       "replay.teacher_format=false", log=tmp_path / "adapt.log", ray_address=ray_address),
-                  tmp_path / "adapt.log")
+    assert cli.main(["adapt", "--from", str(tmp_path / "seq" / "stages" / "add"),
+                     "--data", str(toy_world / "data" / "subtraction" / "train.jsonl"),
+                     "--eval", str(evals["subtraction"]), "--eval-prior", str(evals["addition"]),
+                     "--replay", f"{evals['addition']}:0.5", "train.steps=2", "name=adapted", "replay.prompts=8",
+                     "replay.teacher_format=false"], warm=warm_actors) == 0
+    log = capsys.readouterr().out
     run = tmp_path / "seq" / "stages" / "adapted"
     lineage = json.loads((run / "lineage.json").read_text())
     assert lineage["from"]["step"] == 3 and lineage["data"]["train"].endswith("subtraction/train.jsonl")

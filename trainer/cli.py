@@ -40,20 +40,21 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.stages:
         from trainer.lifecycle.continual import forgetting_markdown, run_stages
-        summary = run_stages(cfg, args.resume)
+        summary = run_stages(cfg, args.resume, warm=args.warm)
         print("\n".join(format_summary(s) for s in summary["stages"]))
         print(forgetting_markdown(summary["forgetting"]), end="")
         print(f"forgetting table: {summary['run_dir']}/forgetting.md")
         return 0
     from trainer.loop import train
-    print(format_summary(train(cfg, args.resume)))
+    print(format_summary(train(cfg, args.resume, warm=args.warm)))
     return 0
 
 
 def _adapt(args: argparse.Namespace) -> int:
     from trainer.lifecycle.continual import adapt, forgetting_markdown, replay_overrides
     overrides = replay_overrides(args.replay or []) + list(args.overrides)
-    summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, overrides, args.resume)
+    summary = adapt(args.from_, args.data, args.eval, args.eval_prior, args.config, overrides, args.resume,
+                    warm=args.warm)
     print(format_summary(summary))
     print(forgetting_markdown(summary["forgetting"]), end="")
     return 0
@@ -206,10 +207,13 @@ def plain_logs_when_not_a_terminal():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm=None) -> int:
+    """`warm`: a `trainer.cluster.warm.WarmActors` of a driver that runs several commands in one
+    process: `train` and `adapt` take over its idle actors and leave theirs there."""
     plain_logs_when_not_a_terminal()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    args.warm = warm
     try:
         return args.run(args)
     except SelfDistillError as e:

@@ -116,10 +116,12 @@ def adapt_config(checkpoint: str | Path, data: str, eval_sets: list[str] | None 
 
 
 def adapt(checkpoint: str | Path, data: str, eval_sets: list[str] | None = None, eval_prior: list[str] | None = None,
-          config: str | None = None, overrides: list[str] = (), resume: str = "auto") -> dict:
+          config: str | None = None, overrides: list[str] = (), resume: str = "auto",
+          warm: WarmActors | None = None) -> dict:
+    """`warm`: the driver's idle actors, as for `train`."""
     cfg, checkpoint = adapt_config(checkpoint, data, eval_sets, eval_prior, config, overrides)
     write_lineage(cfg, checkpoint)
-    summary = train(cfg, resume)
+    summary = train(cfg, resume, warm=warm)
     run_dir = Path(summary["run_dir"])
     table = forgetting_table([(f"from {checkpoint.parent.parent.name}/{checkpoint.name}", summary["start"]),
                               (cfg.name, summary["end"])], replay={cfg.name: replay_record(cfg)})
@@ -146,16 +148,19 @@ def stage_config(cfg: Config, index: int, model_path: str, tokenizer: str | None
     return config_from_dict(data)
 
 
-def run_stages(cfg: Config, resume: str = "auto") -> dict:
+def run_stages(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> dict:
     """Runs `cfg.stages` in order, each from the previous stage's final checkpoint, and writes the
-    forgetting table after every stage. With `resume=auto` finished stages are read back, not rerun."""
+    forgetting table after every stage. With `resume=auto` finished stages are read back, not rerun.
+    Each stage takes over the previous stage's engines and learners: from `warm`, the driver's idle
+    actors, which are left there afterwards, or else from a pool of its own, closed at the end."""
     if resume not in ("auto", "never"):
         raise ConfigError(f"--resume {resume}: a stage sequence resumes with 'auto' (or starts with 'never')")
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path, tokenizer, rows, summaries, replays = cfg.model.path, cfg.model.tokenizer, [], [], {}
-    warm = WarmActors()  # each stage takes over the previous stage's engines and learners
+    own_pool = warm is None
+    warm = WarmActors() if own_pool else warm
     try:
         for index, stage in enumerate(cfg.stages):
             stage_cfg = stage_config(cfg, index, model_path, tokenizer)
@@ -172,7 +177,8 @@ def run_stages(cfg: Config, resume: str = "auto") -> dict:
             write_forgetting(run_dir, forgetting_table(rows, replays))
             model_path, tokenizer = summary["checkpoint"], None
     finally:
-        warm.close()
+        if own_pool:
+            warm.close()
     table = forgetting_table(rows, replays)
     summary = {"run_dir": str(run_dir), "checkpoint": model_path, "stages": summaries, "forgetting": table}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
