@@ -12,7 +12,9 @@ def completion_logits(model, prompts: list[list[int]], completions: list[list[in
     column and `logits_to_keep` sends only the completion columns through the LM head (the [B, L, V]
     logits of whole sequences are never built). Position ids skip the left padding, as the engine
     sees no padding at all. The model's own forward runs, so models that post-process their
-    logits (soft-capping, scaling) are scored as they generate.
+    logits (soft-capping, scaling) are scored as they generate. No KV cache: nothing decodes after
+    this forward, and a cache would hold every layer's keys and values until it ends (under
+    `no_grad`, the teacher's, memory that nothing else keeps).
     """
     if packed:
         return packed_completion_logits(model, prompts, completions)
@@ -27,7 +29,7 @@ def completion_logits(model, prompts: list[list[int]], completions: list[list[in
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # columns width_p - 1 ... width_p + width_c - 2 predict the completion tokens
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width_c + 1).logits[:, :-1]
+                   logits_to_keep=width_c + 1, use_cache=False).logits[:, :-1]
     return torch.cat([logits[row, :len(c)] for row, c in enumerate(completions)])
 
 
