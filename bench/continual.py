@@ -139,6 +139,9 @@ def main() -> None:
             f"data.eval=[{evals[task_b]}, {evals[task_a]}]", f"train.steps={args.steps}",
             f"train.eval_every={args.eval_every}", "train.save_every=0", "log.samples_every=0", *overrides, *args.set])
         summary = train(cfg, warm=warm)
+        if summary["stopped_by"] is not None:  # the next stage must not start from a partial one
+            raise SystemExit(f"continual: {name} was stopped by {summary['stopped_by']} after step {summary['steps']}; "
+                             "the same command resumes it")
         print(f"  {name:<16} {task_a} {summary['end'][f'eval/{task_a}/accuracy']:6.1%}  {task_b} "
               f"{summary['end'][f'eval/{task_b}/accuracy']:6.1%}   shown the solution: "
               + ", ".join(f"{t} {summary['end'].get(f'eval/{t}/teacher_accuracy', math.nan):.1%}" for t in (task_a, task_b))

@@ -86,7 +86,8 @@ def main() -> None:
             cfg = load_config(args.config, [*args.overrides, *varied, f"name=seed-{seed}",
                                             f"output_dir={args.out}", "train.save_every=0"])
             started = time.perf_counter()
-            train(cfg, warm=warm)
+            if (stopped_by := train(cfg, warm=warm)["stopped_by"]) is not None:  # a partial curve is no result
+                raise SystemExit(f"seeds: seed {seed} was stopped by {stopped_by}; the same command resumes it")
             curves.append(accuracy_curve(read_metrics(Path(args.out) / cfg.name)))
             print(f"seed {seed} ({time.perf_counter() - started:.0f} s): "
                   + " ".join(f"{step}:{accuracy:.1%}" for step, accuracy in curves[-1]), flush=True)

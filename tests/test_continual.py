@@ -19,6 +19,7 @@ from core.errors import ConfigError, DataError
 from trainer import cli
 from trainer.config import load_config
 from trainer.lifecycle.checkpoint import find_checkpoint, refuse_changed_config, resolve_resume, truncate_logs
+from trainer.lifecycle import continual
 from trainer.lifecycle.continual import forgetting_markdown, forgetting_table
 from trainer.loop import train
 from trainer.monitoring.metrics import read_metrics
@@ -184,6 +185,37 @@ def _finish(process: subprocess.Popen, log: Path, timeout: float = 1800) -> str:
 def _losses(run_dir: Path) -> dict[int, dict]:
     keys = ("distill/loss", "distill/kl", "learner/grad_norm", "reward/mean")
     return {row["step"]: {k: row[k] for k in keys} for row in read_metrics(run_dir) if row["step"] > 0}
+
+
+def test_a_stage_stopped_by_sigterm_stops_the_sequence(toy_world, tmp_path, monkeypatch, capsys):
+    """A preempted stage must not hand the checkpoint its stop left to the next stage, which would
+    then start from half-trained weights (and refuse the resume, its model.path changed): the
+    sequence stops, says so and how to resume, and records no row for the unfinished stage. The
+    stage's own stop and resume are the SIGTERM test's; here `train` returns a stopped summary."""
+    started = []
+
+    def preempted(cfg, resume, warm=None):
+        started.append(cfg.name)
+        return {"run_dir": str(tmp_path / "seq" / "stages" / cfg.name), "checkpoint": str(tmp_path / "step_1" / "hf"),
+                "steps": 1, "stopped_by": "SIGTERM", "seconds": 1.0, "start": {}, "end": {}}
+
+    monkeypatch.setattr(continual, "train", preempted)
+    data = toy_world / "data"
+    config = tmp_path / "stages.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: seq
+        output_dir: {tmp_path}
+        model: {{path: {toy_world / 'model'}}}
+        stages:
+          - {{name: add, train: {data / 'addition' / 'train.jsonl'}, steps: 3}}
+          - {{name: sub, train: {data / 'subtraction' / 'train.jsonl'}, steps: 3}}
+        """))
+    assert cli.main(["train", str(config)]) == 0
+    assert started == ["add"]
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM after step 1" in out and "stopped by SIGTERM in stage 1 of 2" in out
+    assert json.loads((tmp_path / "seq" / "summary.json").read_text())["stopped_by"] == "SIGTERM"
+    assert not (tmp_path / "seq" / "forgetting.json").exists()
 
 
 @pytest.mark.slow

@@ -42,8 +42,12 @@ def _train(args: argparse.Namespace) -> int:
         from trainer.lifecycle.continual import forgetting_markdown, run_stages
         summary = run_stages(cfg, args.resume, warm=args.warm)
         print("\n".join(format_summary(s) for s in summary["stages"]))
-        print(forgetting_markdown(summary["forgetting"]), end="")
-        print(f"forgetting table: {summary['run_dir']}/forgetting.md")
+        if summary["forgetting"] is not None:
+            print(forgetting_markdown(summary["forgetting"]), end="")
+            print(f"forgetting table: {summary['run_dir']}/forgetting.md")
+        if summary["stopped_by"]:
+            print(f"stopped by {summary['stopped_by']} in stage {len(summary['stages'])} of {len(cfg.stages)}: "
+                  f"rerun the same command to resume")
         return 0
     from trainer.loop import train
     print(format_summary(train(cfg, args.resume, warm=args.warm)))

@@ -151,7 +151,8 @@ def stage_config(cfg: Config, index: int, model_path: str, tokenizer: str | None
 def run_stages(cfg: Config, resume: str = "auto", warm: WarmActors | None = None) -> dict:
     """Runs `cfg.stages` in order, each from the previous stage's final checkpoint, and writes the
     forgetting table after every stage. With `resume=auto` finished stages are read back, not rerun.
-    Each stage takes over the previous stage's engines and learners: from `warm`, the driver's idle
+    A stage stopped by SIGTERM stops the sequence (`stopped_by` in the summary; the forgetting table
+    has the stages that finished, None before the first). Each stage takes over the previous stage's engines and learners: from `warm`, the driver's idle
     actors, which are left there afterwards, or else from a pool of its own, closed at the end."""
     if resume not in ("auto", "never"):
         raise ConfigError(f"--resume {resume}: a stage sequence resumes with 'auto' (or starts with 'never')")
@@ -159,6 +160,7 @@ def run_stages(cfg: Config, resume: str = "auto", warm: WarmActors | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path, tokenizer, rows, summaries, replays = cfg.model.path, cfg.model.tokenizer, [], [], {}
+    stopped_by = None
     own_pool = warm is None
     warm = WarmActors() if own_pool else warm
     try:
@@ -169,18 +171,26 @@ def run_stages(cfg: Config, resume: str = "auto", warm: WarmActors | None = None
             logger.info("stage %d/%d: %s (%d steps on %s)", index + 1, len(cfg.stages), stage.name, stage.steps,
                         stage.train)
             summary = train(stage_cfg, resume, warm=warm)
+            summaries.append(summary)
+            if summary["stopped_by"]:
+                # Preempted mid-stage: the next stage must start from this stage's final weights, not
+                # from the checkpoint the stop left, so the sequence stops too; a rerun resumes here.
+                stopped_by = summary["stopped_by"]
+                logger.warning("stage %s stopped by %s after step %d of %d: the sequence stops here; rerun it to "
+                               "resume", stage.name, stopped_by, summary["steps"], stage.steps)
+                break
             if not rows:
                 rows.append(("start", summary["start"]))
             rows.append((stage.name, summary["end"]))
             replays[stage.name] = replay_record(stage_cfg)
-            summaries.append(summary)
             write_forgetting(run_dir, forgetting_table(rows, replays))
             model_path, tokenizer = summary["checkpoint"], None
     finally:
         if own_pool:
             warm.close()
-    table = forgetting_table(rows, replays)
-    summary = {"run_dir": str(run_dir), "checkpoint": model_path, "stages": summaries, "forgetting": table}
+    table = forgetting_table(rows, replays) if rows else None
+    summary = {"run_dir": str(run_dir), "checkpoint": model_path, "stages": summaries, "forgetting": table,
+               "stopped_by": stopped_by}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
