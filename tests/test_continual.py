@@ -18,8 +18,8 @@ from conftest import ROOT
 from core.errors import ConfigError, DataError
 from trainer import cli
 from trainer.config import load_config
-from trainer.lifecycle.checkpoint import find_checkpoint, refuse_changed_config, resolve_resume, truncate_logs
 from trainer.lifecycle import continual
+from trainer.lifecycle.checkpoint import find_checkpoint, refuse_changed_config, resolve_resume, truncate_logs
 from trainer.lifecycle.continual import forgetting_markdown, forgetting_table
 from trainer.loop import train
 from trainer.monitoring.metrics import read_metrics

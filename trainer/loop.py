@@ -153,8 +153,8 @@ def _evaluate_start(cfg: Config, actors: Actors, inputs: Inputs, version: int, s
         if model is None or model in actors.external:
             by_teacher.setdefault(model, []).append(example)
     for model, examples in by_teacher.items():
-        first |= evaluate(actors.scoring(model), examples, inputs.encoded_eval, inputs.tokenizer, cfg, answer_match,
-                          version, teacher=True, adapter=teacher_adapter if model is None else None)
+        first |= evaluate(actors.scoring(model), [], inputs.encoded_eval, inputs.tokenizer, cfg, answer_match,
+                          version, adapter=teacher_adapter if model is None else None, shown_context=examples)
     logger.info("step 0: %s", _brief(first))
     return first
 

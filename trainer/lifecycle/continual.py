@@ -152,8 +152,9 @@ def run_stages(cfg: Config, resume: str = "auto", warm: WarmActors | None = None
     """Runs `cfg.stages` in order, each from the previous stage's final checkpoint, and writes the
     forgetting table after every stage. With `resume=auto` finished stages are read back, not rerun.
     A stage stopped by SIGTERM stops the sequence (`stopped_by` in the summary; the forgetting table
-    has the stages that finished, None before the first). Each stage takes over the previous stage's engines and learners: from `warm`, the driver's idle
-    actors, which are left there afterwards, or else from a pool of its own, closed at the end."""
+    has the stages that finished, None before the first). Each stage takes over the previous stage's
+    engines and learners: from `warm`, the driver's idle actors, which are left there afterwards, or
+    else from a pool of its own, closed at the end."""
     if resume not in ("auto", "never"):
         raise ConfigError(f"--resume {resume}: a stage sequence resumes with 'auto' (or starts with 'never')")
     run_dir = Path(cfg.output_dir) / cfg.name

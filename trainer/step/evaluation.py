@@ -10,12 +10,11 @@ from trainer.data.records import Example
 
 
 def evaluate(pool: EnginePool, examples: list[Example], encoded: EncodedPrompts, tokenizer, cfg: Config, answer_fn,
-             version: int, teacher: bool = False, adapter: str | None = None,
-             shown_context: list[Example] = ()) -> dict[str, float]:
-    """Greedy accuracy per task: `eval/<task>/accuracy` with the student prompt, or
-    `eval/<task>/teacher_accuracy` with the teacher prompt. `shown_context`: more examples
-    evaluated with the teacher prompt in the same engine call (one round of decoding for both)."""
-    views = [(example, teacher) for example in examples] + [(example, True) for example in shown_context]
+             version: int, adapter: str | None = None, shown_context: list[Example] = ()) -> dict[str, float]:
+    """Greedy accuracy per task: `eval/<task>/accuracy` of `examples` with the student prompt, and
+    `eval/<task>/teacher_accuracy` of `shown_context` with the teacher prompt, in one engine call
+    (one round of decoding for both)."""
+    views = [(example, False) for example in examples] + [(example, True) for example in shown_context]
     if not views:
         return {}
     rollouts = pool.generate([(encoded.teacher if shown else encoded.student)[e.id] for e, shown in views],
