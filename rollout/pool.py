@@ -33,8 +33,11 @@ def shards(count: int, parts: int) -> list[slice]:
 
 
 class EnginePool:
-    def __init__(self, name: str, actors: list, max_restarts: int = 0, placement_group=None):
+    def __init__(self, name: str, actors: list, max_restarts: int = 0, placement_group=None, cpu_share=None):
         self.name, self.actors, self.max_restarts, self.placement_group = name, actors, max_restarts, placement_group
+        self.cpu_share = cpu_share
+        """How the actors were started on a CPU (`trainer.cluster.placement.CpuShare`; None on GPUs or
+        unknown): what decides whether another run can take them over (`trainer.cluster.warm`)."""
         self.weights: dict[str | None, tuple["ray.ObjectRef", int]] = {}
         """The last synced (weights, version) per adapter name (None = the full weights): what a
         restarted engine must load."""

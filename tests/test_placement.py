@@ -11,10 +11,11 @@ from conftest import ROOT
 from core.errors import SelfDistillError
 from trainer.cluster.placement import (
     CPU_ACTOR_SHARE,
+    CpuShare,
     actor_resources,
     cpu_sharers,
     cpu_threads,
-    group_cpu_threads,
+    group_cpu_share,
     place,
 )
 from trainer.config import load_config
@@ -47,14 +48,18 @@ def test_cpu_threads_split_the_cores_among_the_actors_that_compute_at_once():
                                                                   "train.async=true", "loss.is_cap=2",
                                                                   "teacher.scorer=engine", "teacher.weights=initial"])
     assert cpu_sharers(teacher_engine, 1) == 7
+    # a group is taken over by a run that would start it with the same threads, however they were counted
+    two_engines = CpuShare(threads=1, node_cores=2)
+    assert two_engines.fits(both, None, 2) and two_engines.fits(sync, None, 2)  # 2 // 6 and 2 // 2 alike
+    assert not two_engines.fits(sync, None, 1) and not two_engines.fits(sync, 2, 2)
 
 
 def test_a_groups_threads_come_from_the_cores_of_its_node(local_ray):
     cfg = load_config(ROOT / "configs" / "toy.yaml", ["learner.num=2"])
     group = place(cfg, 2, gpu=False, name="learners")
     cores = len(os.sched_getaffinity(0))  # the test's Ray runs on this machine
-    assert group_cpu_threads(cfg, group, None, 2) == max(1, cores // 2)
-    assert group_cpu_threads(cfg, group, 7, 2) == 7
+    assert group_cpu_share(cfg, group, None, 2) == CpuShare(max(1, cores // 2), cores)
+    assert group_cpu_share(cfg, group, 7, 2) == CpuShare(7, cores)
     ray.util.remove_placement_group(group)
 
 

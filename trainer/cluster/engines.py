@@ -16,7 +16,7 @@ import ray
 from rollout.engine import RolloutEngine
 from rollout.hf_engine import TransformersEngine
 from rollout.pool import EnginePool
-from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
+from trainer.cluster.placement import actor_options, group_cpu_share, has_gpus, place
 from trainer.config import Config
 from trainer.config.implied import engine_model
 from trainer.learner.adapters import vllm_max_lora_rank
@@ -37,7 +37,7 @@ def build_engines(cfg: Config, count: int, name: str, wait: bool = True) -> Engi
     while they start, so that several groups start side by side (`EnginePool.wait_started`)."""
     gpu = has_gpus()
     group = place(cfg, count, gpu, f"{name}-engines")
-    threads = None if gpu else group_cpu_threads(cfg, group, cfg.rollout.cpu_threads, count)
+    share = None if gpu else group_cpu_share(cfg, group, cfg.rollout.cpu_threads, count)
     # A dead engine is restarted by Ray; the pool gives it the current weights and redoes its shard.
     engine_cls, cpu_env = ENGINES[cfg.rollout.backend]
     remote = ray.remote(engine_cls)
@@ -47,9 +47,10 @@ def build_engines(cfg: Config, count: int, name: str, wait: bool = True) -> Engi
                              **actor_options(gpu, group, i, None if gpu else cpu_env)).remote(
                   model_path, dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed + i,
                   max_logprobs=cfg.loss.topk, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                  tokenizer=tokenizer, max_lora_rank=engine_lora_rank(cfg, name), cpu_threads=threads)
+                  tokenizer=tokenizer, max_lora_rank=engine_lora_rank(cfg, name),
+                  cpu_threads=None if share is None else share.threads)
               for i in range(count)]
-    pool = EnginePool(name, actors, max_restarts=cfg.rollout.max_restarts, placement_group=group)
+    pool = EnginePool(name, actors, max_restarts=cfg.rollout.max_restarts, placement_group=group, cpu_share=share)
     if wait:
         pool.wait_started()
     return pool

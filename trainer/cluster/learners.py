@@ -9,7 +9,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.errors import LearnerDiedError
 from rollout.pool import all_answer, shards
-from trainer.cluster.placement import actor_options, group_cpu_threads, has_gpus, place
+from trainer.cluster.placement import actor_options, group_cpu_share, has_gpus, place
 from trainer.config import Config, config_to_dict
 from trainer.config.implied import quantized_student
 from trainer.learner import batching
@@ -42,7 +42,8 @@ class LearnerGroup:
         self.lora, self.save_merged = cfg.model.lora.r > 0, cfg.model.lora.save_merged
         self.quantized = quantized_student(cfg)
         self.max_tokens_per_micro_batch = cfg.learner.max_tokens_per_micro_batch
-        self.cpu_threads = 1 if gpu else group_cpu_threads(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
+        self.cpu_share = None if gpu else group_cpu_share(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
+        self.cpu_threads = self.cpu_share.threads if self.cpu_share else 1
         self.actors = [ray.remote(Learner).options(**actor_options(gpu, group, rank)).remote(
                            config, rank, cfg.learner.num, address, port, self.cpu_threads)
                        for rank in range(cfg.learner.num)]

@@ -11,6 +11,7 @@ engines sample while the learners train, and every actor gets its slice.
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
@@ -108,11 +109,25 @@ def _node_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def group_cpu_threads(cfg: Config, group: PlacementGroup, explicit: int | None, group_size: int) -> int:
+@dataclass(frozen=True)
+class CpuShare:
+    """How a CPU group's actors were started: their torch threads, and the cores of their node."""
+
+    threads: int
+    node_cores: int
+
+    def fits(self, cfg: Config, explicit: int | None, group_size: int) -> bool:
+        """Whether `cfg` would start a group of `group_size` on this node with the same threads (the
+        sharers decide only the thread count: a group of an async run, two cores split among four
+        actors, runs one thread as a sync run's pair of engines does)."""
+        return self.threads == cpu_threads(explicit, self.node_cores, cpu_sharers(cfg, group_size))
+
+
+def group_cpu_share(cfg: Config, group: PlacementGroup, explicit: int | None, group_size: int) -> CpuShare:
     """`cpu_threads` for the actors of `group`, with the cores of the node its first bundle is on."""
     cores = ray.get(_node_cores.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=0)).remote())
-    return cpu_threads(explicit, cores, cpu_sharers(cfg, group_size))
+    return CpuShare(cpu_threads(explicit, cores, cpu_sharers(cfg, group_size)), cores)
 
 
 def placement_report(cfg: Config, students: "EnginePool", teachers: "list[EnginePool]",

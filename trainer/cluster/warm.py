@@ -24,12 +24,13 @@ frees every waiting actor first (they hold devices the new ones need).
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from rollout.pool import EnginePool
 from trainer.cluster.engines import build_engines, engine_lora_rank
 from trainer.cluster.learners import LearnerGroup
-from trainer.cluster.placement import cpu_sharers, has_gpus
+from trainer.cluster.placement import has_gpus
 from trainer.config import Config
 from trainer.config.implied import engine_model
 
@@ -65,10 +66,10 @@ def model_signature(model_path: str, tokenizer_path: str | None) -> str:
 
 
 def engine_key(cfg: Config, count: int, role: str) -> tuple:
+    """How an engine pool is built, less its threads (`_threads_fit`)."""
     return ("engines", cfg.rollout.backend, count, engine_lora_rank(cfg, role), cfg.model.dtype,
             cfg.model.max_model_len, cfg.loss.topk, cfg.rollout.gpu_memory_utilization, cfg.rollout.max_restarts,
-            cfg.rollout.cpu_threads, cpu_sharers(cfg, count), cfg.train.seed, cfg.ray.placement,
-            model_signature(*engine_model(cfg, role))) + _own_weights(cfg, role)
+            cfg.train.seed, cfg.ray.placement, model_signature(*engine_model(cfg, role))) + _own_weights(cfg, role)
 
 
 def _own_weights(cfg: Config, role: str) -> tuple:
@@ -86,10 +87,15 @@ def holds_own_weights(role: str) -> bool:
 
 
 def learner_key(cfg: Config) -> tuple:
+    """How a learner group is built, less its threads (`_threads_fit`)."""
     # ranks that host in-process vLLM engines keep them until they end (`trainer.learner.colocated_engines`)
     hosts_vllm = cfg.rollout.colocate and cfg.rollout.backend == "vllm"
-    return ("learners", cfg.learner.num, cfg.learner.cpu_threads, cpu_sharers(cfg, cfg.learner.num), cfg.ray.placement,
-            hosts_vllm)
+    return ("learners", cfg.learner.num, cfg.ray.placement, hosts_vllm)
+
+
+def _threads_fit(actors: EnginePool | LearnerGroup, explicit: int | None, cfg: Config, group_size: int) -> bool:
+    """Whether `actors` run the torch threads that `cfg` would start them with (always, on GPUs)."""
+    return actors.cpu_share is None or actors.cpu_share.fits(cfg, explicit, group_size)
 
 
 class WarmActors:
@@ -101,7 +107,8 @@ class WarmActors:
     def engines(self, cfg: Config, count: int, role: str) -> tuple[EnginePool, bool]:
         """An engine pool for `role`: an idle one built the same way (True: it still holds the old
         run's weights, see `EnginePool.start_over`), or a new one, still starting (False)."""
-        taken = self._take(engine_key(cfg, count, role))
+        taken = self._take(engine_key(cfg, count, role),
+                           lambda pool: _threads_fit(pool, cfg.rollout.cpu_threads, cfg, count))
         if taken is not None:
             taken.name = role
             return taken, True
@@ -109,7 +116,7 @@ class WarmActors:
 
     def learners(self, cfg: Config) -> LearnerGroup:
         """A learner group for `cfg`: an idle one reconfigured for it, or a new one, still starting."""
-        taken = self._take(learner_key(cfg))
+        taken = self._take(learner_key(cfg), lambda group: _threads_fit(group, cfg.learner.cpu_threads, cfg, cfg.learner.num))
         if taken is not None:
             taken.reconfigure(cfg)
             return taken
@@ -131,9 +138,9 @@ class WarmActors:
             actors.close()
         self._idle = []
 
-    def _take(self, key: tuple) -> EnginePool | LearnerGroup | None:
+    def _take(self, key: tuple, fits: Callable[[EnginePool | LearnerGroup], bool]) -> EnginePool | LearnerGroup | None:
         for i, (idle_key, actors) in enumerate(self._idle):
-            if idle_key == key:
+            if idle_key == key and fits(actors):
                 return self._idle.pop(i)[1]
         if self._idle and has_gpus():
             logger.info("no waiting actors fit; freeing %d idle actor group(s) for new ones", len(self._idle))
