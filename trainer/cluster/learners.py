@@ -43,9 +43,9 @@ class LearnerGroup:
         self.quantized = quantized_student(cfg)
         self.max_tokens_per_micro_batch = cfg.learner.max_tokens_per_micro_batch
         self.cpu_share = None if gpu else group_cpu_share(cfg, group, cfg.learner.cpu_threads, cfg.learner.num)
-        self.cpu_threads = self.cpu_share.threads if self.cpu_share else 1
+        threads = self.cpu_share.threads if self.cpu_share else 1
         self.actors = [ray.remote(Learner).options(**actor_options(gpu, group, rank)).remote(
-                           config, rank, cfg.learner.num, address, port, self.cpu_threads)
+                           config, rank, cfg.learner.num, address, port, threads)
                        for rank in range(cfg.learner.num)]
         if wait:
             self.wait_started()

@@ -116,7 +116,8 @@ class WarmActors:
 
     def learners(self, cfg: Config) -> LearnerGroup:
         """A learner group for `cfg`: an idle one reconfigured for it, or a new one, still starting."""
-        taken = self._take(learner_key(cfg), lambda group: _threads_fit(group, cfg.learner.cpu_threads, cfg, cfg.learner.num))
+        taken = self._take(learner_key(cfg),
+                           lambda group: _threads_fit(group, cfg.learner.cpu_threads, cfg, cfg.learner.num))
         if taken is not None:
             taken.reconfigure(cfg)
             return taken
